@@ -1,0 +1,26 @@
+"""gunicorn settings shared by `make run` and the Dockerfile.
+
+Sync workers, one per core: the work is CPU-bound JSON (../shared/MEASURED.md).
+The app is preloaded in the master so a broken rule set stops start-up before any
+worker forks; on SIGHUP the master re-reads rules/ (keeping the last good set if
+the new one fails) before it forks fresh workers.
+"""
+import multiprocessing
+import os
+
+bind = os.environ.get("BIND", "0.0.0.0:8080")
+workers = int(os.environ.get("WEB_CONCURRENCY", multiprocessing.cpu_count()))
+worker_class = "sync"
+preload_app = True
+timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
+graceful_timeout = 10
+keepalive = 5
+# Access logs would add nothing that the JSON request log and metrics do not already say.
+accesslog = None
+errorlog = "-"
+
+
+def pre_fork(server, worker):
+    """Pick up edited rules in the master, so new workers start from the last good set."""
+    app = server.app.wsgi()
+    app.extensions["calcinosis"].rules.refresh()

@@ -1,0 +1,49 @@
+"""Answer one hook call: request -> patient data -> rule engine -> cards."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from service.engine.cards import render_card
+from service.engine.evaluate import evaluate
+from service.patient.record import PatientRecord
+
+from .cards import to_cds_card
+from .prefetch import resolve
+from .request import parse_hook_request
+from .services import CdsService, prefetch_templates
+
+
+@dataclass
+class Outcome:
+    hook_instance: str
+    cards: list[dict]
+    rule_ids: list[str]
+    skipped_resources: int
+    incomplete: list[str]
+    sources: dict[str, str]
+
+
+def answer(service: CdsService, body: object, ext) -> Outcome:
+    """Evaluate the loaded rules for the patient in a hook request."""
+    hook_request = parse_hook_request(body, service.hook)
+    ruleset = ext.rules.current  # one rule set for the whole call, even if a reload lands meanwhile
+    log_context = {"hookInstance": hook_request.hook_instance, "service": service.id}
+    templates = prefetch_templates(ruleset, ext.config["PREFETCH_COUNT"])
+    resolved = resolve(hook_request, templates, ext.fetch_settings, log_context)
+    record = PatientRecord(ruleset.code_index, hook_request.patient_id, log_context=log_context)
+    for resources in resolved.resources.values():
+        record.add_all(resources)
+    evaluation = evaluate(ruleset, record, ext.now())
+    cards = [
+        to_cds_card(
+            render_card(finding, evaluation.evaluator, ruleset),
+            patient_id=hook_request.patient_id,
+            settings=ruleset.settings,
+            documentation_url=ext.documentation_url,
+            new_uuid=ext.new_uuid,
+        )
+        for finding in evaluation.fired
+    ]
+    rule_ids = [f.rule.id for f in evaluation.fired]
+    ext.cards_issued(hook_request.hook_instance, service.id, cards, rule_ids)
+    return Outcome(hook_request.hook_instance, cards, rule_ids, len(record.invalid), resolved.incomplete, resolved.sources)

@@ -1,0 +1,90 @@
+"""The CDS Hooks endpoints: discovery, service invocation, feedback.
+
+Routes parse, call one function, and map domain errors to status codes; what a
+card says comes from the rule engine, never from here.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import orjson
+from flask import Blueprint, Response, current_app, request
+
+from service.errors import BadRequest, NotFound
+
+from . import hooks
+from .services import SERVICES, prefetch_templates
+
+log = logging.getLogger(__name__)
+bp = Blueprint("cds_hooks", __name__)
+
+
+def json_response(body: object, status: int = 200, headers: dict | None = None) -> Response:
+    """Serialise with orjson: card lists for large patients are the hot path."""
+    return Response(orjson.dumps(body), status=status, headers=headers, mimetype="application/json")
+
+
+def read_json() -> object:
+    """Parse the request body, or raise BadRequest saying why it is not JSON."""
+    data = request.get_data(cache=False)
+    if not data:
+        raise BadRequest("the request body is empty; expected a JSON object", code="malformed_json")
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}", code="malformed_json") from None
+
+
+def service_or_404(service_id: str):
+    service = SERVICES.get(service_id)
+    if service is None:
+        raise NotFound(f"no CDS service with id '{service_id}'", code="unknown_service")
+    return service
+
+
+@bp.get("/cds-services")
+def discovery() -> Response:
+    """CDS Hooks 2.0 "Discovery": the services and their prefetch templates."""
+    ext = current_app.extensions["calcinosis"]
+    ruleset = ext.rules.current
+    services = [
+        {
+            "hook": s.hook,
+            "title": s.title,
+            "description": s.description,
+            "id": s.id,
+            "prefetch": prefetch_templates(ruleset, current_app.config["PREFETCH_COUNT"]),
+            **({"usageRequirements": s.usage_requirements} if s.usage_requirements else {}),
+        }
+        for s in SERVICES.values()
+    ]
+    return json_response({"services": services})
+
+
+@bp.post("/cds-services/<service_id>")
+def invoke(service_id: str) -> Response:
+    """CDS Hooks 2.0 "Calling a CDS Service"."""
+    started = time.perf_counter()
+    service = service_or_404(service_id)
+    ext = current_app.extensions["calcinosis"]
+    ext.authenticate(request, service_id)
+    outcome = hooks.answer(service, read_json(), ext)
+    headers = {"X-Calcinosis-Rules": ext.rules.current.fingerprint}
+    if outcome.skipped_resources:
+        headers["X-Calcinosis-Skipped-Resources"] = str(outcome.skipped_resources)
+    if outcome.incomplete:
+        headers["X-Calcinosis-Incomplete"] = ",".join(outcome.incomplete)
+    log.info(
+        "hook answered",
+        extra={
+            "event": "hook_answered",
+            "service": service_id,
+            "hookInstance": outcome.hook_instance,
+            "rules_fired": outcome.rule_ids,
+            "skipped_resources": outcome.skipped_resources,
+            "data_sources": outcome.sources,
+            "ms": round((time.perf_counter() - started) * 1000, 1),
+        },
+    )
+    return json_response({"cards": outcome.cards}, headers=headers)

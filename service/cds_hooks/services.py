@@ -1,0 +1,74 @@
+"""The registry of CDS services this server offers, keyed by service id (= URL segment).
+
+A service knows its hook and words for discovery; its prefetch templates are derived
+from what the loaded rules read, so there is no second list to keep in step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from service.engine.model import RuleSet
+
+
+@dataclass(frozen=True)
+class CdsService:
+    id: str
+    hook: str
+    title: str
+    description: str
+    usage_requirements: str | None = None
+
+
+SERVICES = {
+    s.id: s
+    for s in (
+        CdsService(
+            id="calcinosis-risk",
+            hook="patient-view",
+            title="Calciphylaxis risk and calcinosis workup",
+            description=(
+                "Flags calciphylaxis and metastatic calcification risk from serum calcium, phosphate, "
+                "intact PTH and eGFR with kidney-failure and connective-tissue disease conditions, "
+                "and suggests the workup (deep incisional biopsy, soft-tissue radiograph, missing labs)."
+            ),
+            usage_requirements="Needs read access to the patient's Patient, Observation (laboratory) and Condition resources.",
+        ),
+    )
+}
+
+PATIENT_TOKEN = "{{context.patientId}}"
+
+
+def prefetch_templates(ruleset: RuleSet, max_count: int = 100) -> dict[str, str]:
+    """Derive the prefetch templates from the value sets the loaded rules read.
+
+    CDS Hooks 2.0 restricts prefetch queries to token equality, date prefixes, `_count`
+    and `_sort`; a value set with ICD-10-CM prefix entries cannot be written as tokens,
+    so Conditions are then requested by clinical status alone.
+    """
+    templates: dict[str, str] = {}
+    if ruleset.needs_patient():
+        templates["patient"] = f"Patient/{PATIENT_TOKEN}"
+    observation_tokens = _tokens(ruleset, ruleset.observation_valuesets())
+    if observation_tokens is not None:
+        templates["observations"] = (
+            f"Observation?patient={PATIENT_TOKEN}&code={','.join(observation_tokens)}&_sort=-date&_count={max_count}"
+        )
+    condition_sets = ruleset.condition_valuesets()
+    if condition_sets:
+        tokens = _tokens(ruleset, condition_sets)
+        code = f"&code={','.join(tokens)}" if tokens else ""
+        templates["conditions"] = f"Condition?patient={PATIENT_TOKEN}&clinical-status=active,recurrence,relapse{code}"
+    return templates
+
+
+def _tokens(ruleset: RuleSet, valueset_ids: list[str]) -> list[str] | None:
+    if not valueset_ids:
+        return None
+    tokens: set[str] = set()
+    for vs_id in valueset_ids:
+        found = ruleset.valuesets[vs_id].search_tokens()
+        if found is None:
+            return []
+        tokens.update(found)
+    return sorted(tokens)

@@ -1,0 +1,248 @@
+"""Console commands: `rules check|test|explain`, `replay`, `feedback report`, `calcinosis-cds serve`.
+
+Rule authors use `rules`; integration testers use `replay`; everything else is for operators.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from .config import PROJECT_ROOT, from_environment
+
+DEFAULT_FIXTURES = PROJECT_ROOT / "fixtures" / "fhir"
+
+
+def _rules_dir(args) -> str:
+    return args.rules or from_environment()["RULES_DIR"]
+
+
+def _load(args):
+    from service.engine.loader import RuleSetError, load_ruleset
+    from service.patient.validation import validation_error
+
+    try:
+        return load_ruleset(_rules_dir(args), validate_resource=validation_error)
+    except RuleSetError as exc:
+        print(f"{len(exc.errors)} error(s) in {_rules_dir(args)}:", file=sys.stderr)
+        for error in exc.errors:
+            print(f"  {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _when(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise SystemExit(f"--now {text!r}: expected an ISO 8601 date-time such as 2026-11-01T12:00:00Z") from None
+    return value if value.tzinfo else value.replace(tzinfo=datetime.now().astimezone().tzinfo)
+
+
+# --- rules check ------------------------------------------------------------------------------
+
+def cmd_check(args) -> int:
+    """Validate every rule file; exit 1 on any error."""
+    ruleset = _load(args)
+    print(
+        f"OK: {len(ruleset.rules)} rules, {len(ruleset.facts)} facts, {len(ruleset.valuesets)} value sets "
+        f"in {ruleset.directory} (fingerprint {ruleset.fingerprint})"
+    )
+    return 0
+
+
+# --- rules test --------------------------------------------------------------------------------
+
+def cmd_test(args) -> int:
+    """Run each rule's test cases against the fixtures they name."""
+    from service.harness import InputError, load_cases, run_case
+
+    ruleset = _load(args)
+    fixtures = Path(args.fixtures)
+    results: dict[str, object] = {}
+    failures = 0
+    for rule in ruleset.rules:
+        if args.rule and rule.id not in args.rule:
+            continue
+        print(f"{rule.id}")
+        cases = [(name, True) for name in rule.tests_fire] + [(name, False) for name in rule.tests_silent]
+        if not cases:
+            print("  (no test cases)")
+        for name, must_fire in cases:
+            if name not in results:
+                try:
+                    results[name] = run_case(ruleset, next(load_cases([fixtures / name])))
+                except (InputError, StopIteration) as exc:
+                    results[name] = exc
+            result = results[name]
+            if isinstance(result, Exception):
+                failures += 1
+                print(f"  FAIL  {name}: cannot read fixture ({result or 'empty'})")
+                continue
+            fired = rule.id in result.fired
+            finding = next(f for f in result.evaluation.findings if f.rule.id == rule.id)
+            ok = fired == must_fire
+            failures += not ok
+            expected = "fires" if must_fire else "silent"
+            got = "fired" if fired else ("suppressed by " + finding.suppressed_by if finding.suppressed_by else "did not fire" + (" (unknown)" if finding.result is None else ""))
+            print(f"  {'PASS' if ok else 'FAIL'}  {name}: expected {expected}, {got}")
+    total = sum(len(r.tests_fire) + len(r.tests_silent) for r in ruleset.rules if not args.rule or r.id in args.rule)
+    print(f"\n{total - failures} passed, {failures} failed")
+    return 1 if failures else 0
+
+
+# --- rules explain -------------------------------------------------------------------------------
+
+def _trace_lines(trace: dict, evaluator, depth: int = 1) -> list[str]:
+    pad = "  " * depth
+    mark = {True: "true", False: "false", None: "unknown"}[trace["result"]]
+    if "fact" in trace:
+        value = f" {_shown(trace['value'])}" if "value" in trace else ""
+        why = f"  ({trace['why']})" if trace.get("why") else ""
+        lines = [f"{pad}{trace['fact']} {trace['operator']}{value}: actual {trace['actual']} -> {mark}{why}"]
+        fact = evaluator.computed().get(trace["fact"].split(".")[0])
+        if fact is not None and fact.trace is not None:
+            lines += _trace_lines(fact.trace, evaluator, depth + 1)
+        return lines
+    if "not" in trace:
+        return [f"{pad}not -> {mark}"] + _trace_lines(trace["not"], evaluator, depth + 1)
+    key = "all" if "all" in trace else "any"
+    lines = [f"{pad}{key} of -> {mark}"]
+    for item in trace[key]:
+        lines += _trace_lines(item, evaluator, depth + 1)
+    return lines
+
+
+def _shown(value: object) -> str:
+    from service.engine.templates import format_number
+
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return format_number(value)
+    if isinstance(value, tuple):
+        return " to ".join(_shown(v) for v in value)
+    return str(value)
+
+
+def explain_text(result) -> str:
+    """Say, for each rule, whether it fired and why; then every value the rules read."""
+    from service.engine.templates import format_number
+
+    evaluation, case = result.evaluation, result.case
+    evaluator = evaluation.evaluator
+    lines = [f"{case.name}: patient {case.patient_id or '(unknown)'}, evaluated at {evaluator.now.isoformat()}", ""]
+    for finding in evaluation.findings:
+        state = "FIRED" if finding.fired else (f"SUPPRESSED by {finding.suppressed_by}" if finding.suppressed_by else ("not fired (unknown)" if finding.result is None else "not fired"))
+        lines.append(f"{finding.rule.id}: {state}")
+        lines += _trace_lines(finding.trace, evaluator)
+        lines.append("")
+    lines.append("Values read")
+    for name, fact in evaluator.computed().items():
+        if fact.trace is not None:
+            continue
+        lines.append(f"  {name} ({fact.title}): {fact.shown} [{fact.state}]")
+        for e in fact.evidence:
+            date = e.date.isoformat() if e.date else "no date"
+            if e.sent is not None:
+                normalised = f"{format_number(e.value)} {e.unit}" if e.value is not None else "unknown"
+                lines.append(f"    {e.reference}: sent {e.sent}, normalised {normalised}, {date}")
+            else:
+                lines.append(f"    {e.reference}: {e.display or ''} ({e.code}), {date}")
+        lines += [f"    - {note}" for note in fact.notes]
+    if result.record.invalid:
+        lines += ["", "Invalid resources skipped"] + [f"  {k}: {v}" for k, v in result.record.invalid.items()]
+    return "\n".join(lines)
+
+
+def cmd_explain(args) -> int:
+    """Evaluate one bundle or hook request and print the full trace."""
+    from service.harness import InputError, load_cases, run_case
+
+    ruleset = _load(args)
+    try:
+        cases = list(load_cases([args.file]))
+    except InputError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    for case in cases:
+        result = run_case(ruleset, case, _when(args.now))
+        if args.json:
+            print(json.dumps({
+                "patient": case.patient_id,
+                "evaluated_at": result.evaluation.evaluator.now.isoformat(),
+                "rules": [{"id": f.rule.id, "fired": f.fired, "result": f.result, "suppressed_by": f.suppressed_by, "trace": f.trace} for f in result.evaluation.findings],
+                "invalid_resources": result.record.invalid,
+            }, indent=2, default=str))
+        else:
+            print(explain_text(result))
+    return 0
+
+
+def rules_main(argv: list[str] | None = None) -> int:
+    """`rules check | test | explain` for rule authors."""
+    parser = argparse.ArgumentParser(prog="rules", description="Check, test and explain the rules in rules/.")
+    parser.add_argument("--rules", help="rules folder (default: CDS_RULES_DIR or ./rules)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("check", help="validate every rule file").set_defaults(func=cmd_check)
+    test = sub.add_parser("test", help="run each rule's test cases against fixtures")
+    test.add_argument("--fixtures", default=str(DEFAULT_FIXTURES), help="folder the test cases name files in")
+    test.add_argument("rule", nargs="*", help="only these rule ids")
+    test.set_defaults(func=cmd_test)
+    explain = sub.add_parser("explain", help="why each rule fired or not for one patient")
+    explain.add_argument("file", help="a FHIR Bundle or CDS Hooks request (JSON)")
+    explain.add_argument("--now", help="evaluate at this time (default: the bundle's timestamp, else now)")
+    explain.add_argument("--json", action="store_true", help="machine-readable trace")
+    explain.set_defaults(func=cmd_explain)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def replay_main(argv: list[str] | None = None) -> int:
+    """`replay PATH...` for integration testers."""
+    from service.replay import main
+
+    return main(argv)
+
+
+def feedback_main(argv: list[str] | None = None) -> int:
+    """`feedback report`: per rule, cards issued, accepted, overridden and why."""
+    from service.store import Store, format_report
+
+    parser = argparse.ArgumentParser(prog="feedback", description="What clinicians did with the cards.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    report = sub.add_parser("report", help="per rule: cards issued, accepted, overridden, top override reasons")
+    report.add_argument("--database", help="store URL (default: CDS_DATABASE_URL or the embedded SQLite file)")
+    report.add_argument("--service", help="only this CDS service id")
+    args = parser.parse_args(argv)
+    store = Store.from_url(args.database or from_environment()["DATABASE_URL"])
+    try:
+        print(format_report(store.report(args.service)))
+    finally:
+        store.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`calcinosis-cds serve`: Flask's server, for debugging (production uses gunicorn)."""
+    parser = argparse.ArgumentParser(prog="calcinosis-cds")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve with Flask's development server (SIGHUP reloads rules)")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--host", default="127.0.0.1")
+    args = parser.parse_args(argv)
+    import signal
+
+    from service import create_app
+
+    app = create_app()
+    signal.signal(signal.SIGHUP, lambda *_: app.extensions["calcinosis"].rules.refresh(force=True))
+    app.run(host=args.host, port=args.port, threaded=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

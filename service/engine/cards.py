@@ -1,0 +1,131 @@
+"""Card content for a fired rule: text rendered from templates, plus the values that made it fire.
+
+This is content only (snake_case, no uuids); `service.cds_hooks.cards` turns it into a
+CDS Hooks card and enforces the spec's shape.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .evaluate import Evaluator, FactValue, Finding
+from .model import Action, Link, RuleSet, Suggestion
+from .templates import format_number
+
+SUMMARY_LIMIT = 139  # CDS Hooks: "<140-character summary"
+
+
+@dataclass(frozen=True)
+class CardContent:
+    rule_id: str
+    rule_title: str
+    indicator: str
+    summary: str
+    detail: str
+    source_label: str
+    source_url: str | None
+    links: tuple[Link, ...]
+    suggestions: tuple[Suggestion, ...]
+    selection: str | None
+
+
+def render_card(finding: Finding, evaluator: Evaluator, ruleset: RuleSet) -> CardContent:
+    """Render the card of a fired rule."""
+    rule, card = finding.rule, finding.rule.card
+    summary = card.summary.render(evaluator.lookup, markdown=False)
+    if len(summary) > SUMMARY_LIMIT:  # the loader proves this cannot happen; keep the spec promise regardless
+        summary = summary[: SUMMARY_LIMIT - 1] + "…"
+    lines = [
+        line.text.render(evaluator.lookup, markdown=True)
+        for line in card.detail
+        if line.when is None or evaluator.test(line.when)[0] is True
+    ]
+    suggestions = []
+    for suggestion in card.suggestions:
+        actions = tuple(a for a in suggestion.actions if a.when is None or evaluator.test(a.when)[0] is True)
+        if actions:
+            suggestions.append(Suggestion(suggestion.label, actions, suggestion.recommended))
+    values = values_used(rule.evidence_facts, evaluator)
+    if values:
+        lines += ["", "**Values used**", ""] + values
+    if ruleset.settings.disclaimer:
+        lines += ["", f"_{ruleset.settings.disclaimer}_"]
+    return CardContent(
+        rule_id=rule.id,
+        rule_title=rule.title,
+        indicator=card.indicator,
+        summary=summary,
+        detail=_markdown(lines),
+        source_label=card.source_label or ruleset.settings.source_label,
+        source_url=card.source_url,
+        links=card.links,
+        suggestions=tuple(suggestions),
+        selection=card.selection or ("at-most-one" if suggestions else None),
+    )
+
+
+def values_used(names: tuple[str, ...], evaluator: Evaluator) -> list[str]:
+    """List, as Markdown bullets, each value a rule read: value, unit, date and source resource."""
+    lines: list[str] = []
+    for name in names:
+        fact = evaluator.value_of(name)
+        if fact.state == "absent":
+            continue
+        lines += _describe(fact)
+    return lines
+
+
+def _describe(fact: FactValue) -> list[str]:
+    if fact.state == "unknown":
+        why = fact.notes[-1] if fact.notes else "the value could not be read"
+        return [f"- {fact.title}: unknown ({_escape(why)})"]
+    if len(fact.evidence) > 1 and isinstance(fact.value, (int, float)):  # a derived product
+        head = f"- {fact.title}: {fact.shown}, from"
+        return [head] + [f"  - {_evidence_line(e)}" for e in fact.evidence]
+    if not fact.evidence:
+        return [f"- {fact.title}: {fact.shown}"]
+    if fact.evidence[0].sent is None and fact.evidence[0].reference.startswith("Patient/"):
+        return [f"- {fact.title}: {_escape(fact.shown)}"]
+    lines = [f"- {_evidence_line(e)}" for e in fact.evidence]
+    uln = fact.attributes.get("uln_multiple")
+    if uln is not None and uln.state == "found" and isinstance(uln.value, (int, float)):
+        limit = fact.attributes["upper_limit"]
+        lines[0] += f"; {format_number(uln.value)} x the upper limit ({format_number(limit.value)} {fact.unit}, {limit.notes[0]})"
+    return lines
+
+
+def _evidence_line(e) -> str:
+    date = e.date.date().isoformat() if e.date else "date not recorded"
+    if e.sent is None:  # a Condition
+        return f"{e.title}: {_escape(e.display or '')} ({_code(e.code)}), recorded {date}, {e.reference}"
+    normalised = f"{format_number(e.value)} {e.unit}" if e.value is not None else "unit not understood"
+    return f"{e.title}: {normalised} on {date} (sent as {_escape(e.sent)}; {e.reference})"
+
+
+def _markdown(lines: list[str]) -> str:
+    """Join lines as GitHub-flavoured Markdown: list items stay together, paragraphs get a blank line."""
+    out: list[str] = []
+    for line in lines:
+        if out and line and not (line.lstrip().startswith("- ") and out[-1].lstrip().startswith("- ")) and out[-1] != "":
+            out.append("")
+        out.append(line)
+    return "\n".join(out).strip()
+
+
+_SYSTEMS = {
+    "http://loinc.org": "LOINC",
+    "http://snomed.info/sct": "SNOMED CT",
+    "http://hl7.org/fhir/sid/icd-10-cm": "ICD-10-CM",
+    "http://www.ama-assn.org/go/cpt": "CPT",
+}
+
+
+def _code(token: str | None) -> str:
+    system, _, code = (token or "").rpartition("|")
+    return f"{_SYSTEMS.get(system, system)} {code}".strip()
+
+
+def _escape(text: str) -> str:
+    return "".join("\\" + c if c in "\\`*_[]<>#|" else c for c in text)
+
+
+__all__ = ["CardContent", "render_card", "values_used", "Action", "Link", "Suggestion"]

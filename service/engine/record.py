@@ -1,0 +1,113 @@
+"""What the engine reads about a patient: plain entries, filled in by `service.patient`.
+
+Entries carry only what the engine needs to choose among them (status, date, the
+matched coding). The reading itself is loaded lazily, because loading validates the
+resource with fhir.resources (~200 µs each): only the few entries a rule actually
+uses are ever validated (../shared/MEASURED.md).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from typing import Callable, Protocol, Sequence
+
+
+class InvalidResource(Exception):
+    """A resource that is not valid FHIR R4; it is skipped and reported, never fatal."""
+
+    def __init__(self, resource_type: str, resource_id: str, error: str) -> None:
+        super().__init__(f"{resource_type}/{resource_id}: {error}")
+        self.resource_type = resource_type
+        self.resource_id = resource_id
+        self.error = error
+
+
+@dataclass(frozen=True)
+class Reading:
+    """The value part of an Observation, as the lab sent it."""
+
+    value: float | None
+    comparator: str | None
+    unit: str | None  # the UCUM code when sent, else the free-text unit
+    unit_text: str | None  # what to show as "unit as sent"
+    data_absent: str | None
+    reference_high: float | None
+    reference_high_unit: str | None
+
+
+_UNLOADED = object()
+
+
+@dataclass(eq=False)
+class ObservationEntry:
+    resource_id: str
+    status: str | None
+    effective: datetime | None
+    system: str
+    code: str
+    display: str | None
+    load: Callable[[], Reading] = field(repr=False)
+    _reading: object = field(default=_UNLOADED, repr=False)
+
+    @property
+    def reference(self) -> str:
+        return f"Observation/{self.resource_id}"
+
+    def reading(self) -> Reading:
+        """Return the validated reading; raises InvalidResource (and remembers it)."""
+        if self._reading is _UNLOADED:
+            try:
+                self._reading = self.load()
+            except InvalidResource as exc:
+                self._reading = exc
+        if isinstance(self._reading, InvalidResource):
+            raise self._reading
+        return self._reading  # type: ignore[return-value]
+
+
+@dataclass(eq=False)
+class ConditionEntry:
+    resource_id: str
+    clinical_status: str | None
+    verification_status: str | None
+    system: str
+    code: str
+    display: str | None
+    recorded: datetime | None
+    validate: Callable[[], None] = field(repr=False)
+    _error: object = field(default=_UNLOADED, repr=False)
+
+    @property
+    def reference(self) -> str:
+        return f"Condition/{self.resource_id}"
+
+    def check(self) -> None:
+        """Raise InvalidResource if the resource is not valid FHIR R4 (checked once)."""
+        if self._error is _UNLOADED:
+            try:
+                self.validate()
+                self._error = None
+            except InvalidResource as exc:
+                self._error = exc
+        if self._error is not None:
+            raise self._error  # type: ignore[misc]
+
+
+@dataclass(frozen=True)
+class PatientInfo:
+    resource_id: str
+    birth_date: date | None
+    gender: str | None
+
+
+class Record(Protocol):
+    """A patient's data, indexed by value set once per request."""
+
+    def observations(self, valueset_id: str) -> Sequence[ObservationEntry]:
+        """Entries whose code is in the value set, newest first (undated last)."""
+
+    def conditions(self, valueset_id: str) -> Sequence[ConditionEntry]:
+        """Condition entries whose code is in the value set."""
+
+    def patient(self) -> PatientInfo | None:
+        """The Patient resource, if the data holds one."""

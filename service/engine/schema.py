@@ -1,0 +1,117 @@
+"""The shape of rule files, enforced with cerberus; meaning is checked in `loader.py`."""
+from __future__ import annotations
+
+from .units import ANALYTES
+
+ID = r"^[a-z0-9][a-z0-9-]*$"
+FACT_NAME = r"^[a-z][a-z0-9_]*$"
+URL = r"^https?://\S+$"
+
+_string = {"type": "string", "empty": False}
+_strings = {"type": "list", "schema": _string}
+
+SETTINGS = {
+    "topic_system": {**_string, "required": True, "regex": r"^(https?|urn):\S+$"},
+    "source_label": {**_string, "required": True},
+    "disclaimer": {"type": "string"},
+    "documentation_url": {**_string, "regex": URL},
+}
+
+VALUESET = {
+    "id": {**_string, "required": True, "regex": ID},
+    "title": {**_string, "required": True},
+    "description": {"type": "string"},
+    "codes": {
+        "type": "list",
+        "required": True,
+        "minlength": 1,
+        "schema": {
+            "type": "dict",
+            "schema": {
+                "system": {**_string, "required": True, "regex": r"^(https?|urn):\S+$"},
+                # Unquoted SNOMED codes load as numbers; they are still codes.
+                "code": {**_string, "required": True, "coerce": str},
+                "display": {"type": "string"},
+            },
+        },
+    },
+}
+
+FACT = {
+    "title": {**_string, "required": True},
+    "observation": _string,
+    "analyte": {"type": "string", "allowed": sorted(ANALYTES)},
+    "unit": _string,
+    "lookback": _string,
+    "default_upper_limit": {"type": "number", "min": 0},
+    "condition": _string,
+    "patient": {"type": "string", "allowed": ["age", "sex"]},
+    "product": {"type": "list", "minlength": 2, "maxlength": 2, "schema": _string},
+    "within": _string,
+    "definition": {"type": "dict"},
+}
+FACT_KINDS = ("observation", "condition", "patient", "product", "definition")
+FACT_KEYS_BY_KIND = {
+    "observation": {"analyte", "unit", "lookback", "default_upper_limit"},
+    "condition": set(),
+    "patient": set(),
+    "product": {"within", "unit"},
+    "definition": set(),
+}
+FACT_REQUIRED_BY_KIND = {"observation": {"analyte", "unit", "lookback"}, "product": {"within", "unit"}}
+
+FACTS_FILE = {"facts": {"type": "dict", "required": True, "keysrules": {"type": "string", "regex": FACT_NAME}, "valuesrules": {"type": "dict", "schema": FACT}}}
+
+_action = {
+    "type": "dict",
+    "schema": {
+        "type": {"type": "string", "required": True, "allowed": ["create", "update", "delete"]},
+        "description": {**_string, "required": True},
+        "resource": {"type": "dict"},
+        "resource_id": _string,
+        "when": {"type": "dict"},
+    },
+}
+CARD = {
+    "indicator": {"type": "string", "required": True, "allowed": ["info", "warning", "critical"]},
+    "summary": {**_string, "required": True},
+    "detail": {"type": "list", "required": True, "minlength": 1, "schema": {"type": ["string", "dict"]}},
+    "source": {"type": "dict", "schema": {"label": _string, "url": {**_string, "regex": URL}}},
+    "links": {
+        "type": "list",
+        "schema": {
+            "type": "dict",
+            "schema": {
+                "label": {**_string, "required": True},
+                # "{documentation}" stands for this rule's documentation page
+                "url": {**_string, "required": True, "regex": r"^(https?://\S+|\{documentation\})$"},
+                "type": {"type": "string", "allowed": ["absolute", "smart"]},
+            },
+        },
+    },
+    "selection": {"type": "string", "allowed": ["at-most-one", "any"]},
+    "suggestions": {
+        "type": "list",
+        "schema": {
+            "type": "dict",
+            "schema": {
+                "label": {**_string, "required": True},
+                "recommended": {"type": "boolean"},
+                "actions": {"type": "list", "required": True, "minlength": 1, "schema": _action},
+            },
+        },
+    },
+}
+
+RULE = {
+    "id": {**_string, "required": True, "regex": ID},
+    "title": {**_string, "required": True, "maxlength": 100},
+    "description": {**_string, "required": True},
+    "sources": _strings,
+    "facts": FACTS_FILE["facts"] | {"required": False},
+    "when": {"type": "dict", "required": True},
+    "suppresses": _strings,
+    "card": {"type": "dict", "required": True, "schema": CARD},
+    "tests": {"type": "dict", "schema": {"fires": _strings, "silent": _strings}},
+}
+DETAIL_LINE = {"text": {**_string, "required": True}, "when": {"type": "dict", "required": True}}

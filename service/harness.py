@@ -1,0 +1,152 @@
+"""Run the rules over saved patient data, in-process: for `rules test`, `rules explain` and `replay`.
+
+Inputs it reads:
+- a FHIR R4 Bundle (collection, searchset, transaction...) holding one patient's resources;
+- a full CDS Hooks request (its prefetch values);
+- a folder of those (recursively);
+- a FHIR Bulk Data export: NDJSON files, one resource per line, grouped here by patient.
+A Bundle's `timestamp` is the time the scenario is evaluated at (fixtures stay true
+as the calendar moves on); without one, now.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Iterator
+
+import orjson
+
+from service.engine.cards import CardContent, render_card
+from service.engine.evaluate import Evaluation, evaluate
+from service.engine.model import RuleSet
+from service.patient.dates import parse_datetime
+from service.patient.record import PatientRecord, resources_in
+
+
+class InputError(Exception):
+    """A file that is not a Bundle, a hook request or NDJSON; names the file."""
+
+
+@dataclass
+class Case:
+    name: str
+    patient_id: str | None
+    resources: list[dict]
+    as_of: datetime | None = None
+    request: dict | None = None  # the original hook request, when the input was one
+    source: str = ""
+
+
+@dataclass
+class CaseResult:
+    case: Case
+    evaluation: Evaluation
+    record: PatientRecord
+    cards: list[CardContent] = field(default_factory=list)
+
+    @property
+    def fired(self) -> list[str]:
+        return [c.rule_id for c in self.cards]
+
+
+def _subject_id(resource: dict) -> str | None:
+    if resource.get("resourceType") == "Patient":
+        return resource.get("id")
+    reference = (resource.get("subject") or resource.get("patient") or {}).get("reference") or ""
+    return reference.rsplit("Patient/", 1)[1] if "Patient/" in reference else None
+
+
+def case_from_json(data: object, name: str, source: str = "") -> Case:
+    """Make a case from a parsed Bundle or hook request."""
+    if not isinstance(data, dict):
+        raise InputError(f"{source or name}: expected a JSON object (a FHIR Bundle or a CDS Hooks request)")
+    if "hook" in data and "context" in data:
+        prefetch = data.get("prefetch") or {}
+        resources = [r for value in prefetch.values() for r in resources_in(value)]
+        patient_id = (data.get("context") or {}).get("patientId")
+        stamps = [parse_datetime(v.get("timestamp")) for v in prefetch.values() if isinstance(v, dict)]
+        as_of = next((s for s in stamps if s), None)
+        return Case(name, patient_id, resources, as_of, data, source)
+    if data.get("resourceType") == "Bundle":
+        resources = resources_in(data)
+        patient_id = next((r.get("id") for r in resources if r.get("resourceType") == "Patient"), None)
+        if patient_id is None:
+            patient_id = next((pid for r in resources if (pid := _subject_id(r))), None)
+        return Case(name, patient_id, resources, parse_datetime(data.get("timestamp")), None, source)
+    raise InputError(f"{source or name}: a {data.get('resourceType', 'JSON object')} is neither a Bundle nor a CDS Hooks request")
+
+
+def load_cases(paths: list[str | Path]) -> Iterator[Case]:
+    """Yield cases from files and folders, in a stable order."""
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            ndjson = sorted(path.glob("*.ndjson"))
+            if ndjson:
+                yield from bulk_cases(ndjson)
+            for child in sorted(p for p in path.rglob("*.json")):
+                yield _json_case(child)
+        elif path.suffix == ".ndjson":
+            yield from bulk_cases([path])
+        elif path.exists():
+            yield _json_case(path)
+        else:
+            raise InputError(f"{path}: no such file or folder")
+
+
+def _json_case(path: Path) -> Case:
+    try:
+        data = orjson.loads(path.read_bytes())
+    except orjson.JSONDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from None
+    return case_from_json(data, path.name, str(path))
+
+
+def bulk_cases(files: list[Path]) -> Iterator[Case]:
+    """Group a Bulk Data export's resources by patient (files are read line by line)."""
+    by_patient: dict[str, list[dict]] = defaultdict(list)
+    for file in files:
+        with file.open("rb") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    resource = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    raise InputError(f"{file}:{number}: not valid JSON") from None
+                patient_id = _subject_id(resource) if isinstance(resource, dict) else None
+                if patient_id:
+                    by_patient[patient_id].append(resource)
+    for patient_id in sorted(by_patient):
+        yield Case(patient_id, patient_id, by_patient[patient_id], None, None, "bulk export")
+
+
+def run_case(ruleset: RuleSet, case: Case, now: datetime | None = None) -> CaseResult:
+    """Evaluate the rules for one case at `now`, else the case's own time, else the clock."""
+    record = PatientRecord(ruleset.code_index, case.patient_id)
+    record.add_all(case.resources)
+    evaluation = evaluate(ruleset, record, now or case.as_of or datetime.now(UTC))
+    cards = [render_card(f, evaluation.evaluator, ruleset) for f in evaluation.fired]
+    return CaseResult(case, evaluation, record, cards)
+
+
+def hook_request_for(case: Case, templates: dict[str, str], hook_instance: str) -> dict:
+    """Build the CDS Hooks request an EHR would send for a case, prefetch filled per template."""
+    if case.request is not None:
+        return case.request
+    prefetch: dict[str, object] = {}
+    for key, template in templates.items():
+        kind = template.split("?")[0].split("/")[0]
+        matching = [r for r in case.resources if r.get("resourceType") == kind]
+        if "?" not in template:  # an instance read
+            prefetch[key] = matching[0] if matching else None
+        else:
+            prefetch[key] = {"resourceType": "Bundle", "type": "searchset", "total": len(matching), "entry": [{"resource": r} for r in matching]}
+    return {
+        "hook": "patient-view",
+        "hookInstance": hook_instance,
+        "context": {"patientId": case.patient_id or "unknown", "userId": "Practitioner/replay"},
+        "prefetch": prefetch,
+    }
