@@ -7,6 +7,10 @@ the new one fails) before it forks fresh workers.
 """
 import multiprocessing
 import os
+import tempfile
+
+# Workers share Prometheus metrics through files in this folder (prometheus-client multiprocess mode).
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="calcinosis-metrics-"))
 
 bind = os.environ.get("BIND", "0.0.0.0:8080")
 workers = int(os.environ.get("WEB_CONCURRENCY", multiprocessing.cpu_count()))
@@ -24,3 +28,10 @@ def pre_fork(server, worker):
     """Pick up edited rules in the master, so new workers start from the last good set."""
     app = server.app.wsgi()
     app.extensions["calcinosis"].rules.refresh()
+
+
+def child_exit(server, worker):
+    """Let the metrics of a dead worker stop counting as live gauges."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)

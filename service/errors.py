@@ -26,6 +26,7 @@ class BadRequest(ServiceError):
 class Unauthorized(ServiceError):
     status = 401
     code = "unauthorized"
+    headers = {"WWW-Authenticate": 'Bearer realm="cds-services"'}
 
 
 class NotFound(ServiceError):
@@ -38,6 +39,11 @@ class PreconditionFailed(ServiceError):
 
     status = 412
     code = "prefetch_unavailable"
+
+
+class ServiceUnavailable(ServiceError):
+    status = 503
+    code = "unavailable"
 
 
 class PayloadTooLarge(ServiceError):

@@ -5,6 +5,7 @@ import html
 
 from flask import Blueprint, Response, current_app
 
+from . import metrics
 from .cds_hooks.routes import json_response
 from .errors import NotFound
 
@@ -22,6 +23,11 @@ def readyz() -> Response:
     """Rules are loaded (and the store answers, once wired)."""
     ext = current_app.extensions["calcinosis"]
     checks = {"rules": "ok" if ext.rules.current.rules else "no rules"}
+    try:
+        ext.store.ping()
+        checks["store"] = "ok"
+    except Exception as exc:  # any failure means not ready; the type says enough
+        checks["store"] = f"unreachable ({type(exc).__name__})"
     ok = all(v == "ok" for v in checks.values())
     return json_response({"status": "ready" if ok else "not ready", "checks": checks}, 200 if ok else 503)
 
@@ -31,6 +37,13 @@ def status() -> Response:
     """Which rule set is serving, whether the last reload failed, and whether auth is on."""
     ext = current_app.extensions["calcinosis"]
     return json_response({"rules": ext.rules.status(), "auth": "disabled" if ext.auth_disabled else "enabled"})
+
+
+@bp.get("/metrics")
+def prometheus() -> Response:
+    """Prometheus exposition: requests, latency, cards by rule, FHIR fallback, reloads."""
+    body, content_type = metrics.exposition()
+    return Response(body, content_type=content_type)
 
 
 @bp.get("/rules/<rule_id>")

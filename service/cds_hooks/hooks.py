@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from service import metrics
 from service.engine.cards import render_card
 from service.engine.evaluate import evaluate
 from service.patient.record import PatientRecord
@@ -19,6 +20,7 @@ class Outcome:
     cards: list[dict]
     rule_ids: list[str]
     skipped_resources: int
+    other_patient_resources: int
     incomplete: list[str]
     sources: dict[str, str]
 
@@ -45,5 +47,7 @@ def answer(service: CdsService, body: object, ext) -> Outcome:
         for finding in evaluation.fired
     ]
     rule_ids = [f.rule.id for f in evaluation.fired]
+    if record.invalid:
+        metrics.INVALID_RESOURCES.inc(len(record.invalid))
     ext.cards_issued(hook_request.hook_instance, service.id, cards, rule_ids)
-    return Outcome(hook_request.hook_instance, cards, rule_ids, len(record.invalid), resolved.incomplete, resolved.sources)
+    return Outcome(hook_request.hook_instance, cards, rule_ids, len(record.invalid), record.other_patient, resolved.incomplete, resolved.sources)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import requests
 
+from service import metrics
 from service.errors import PreconditionFailed
 from service.patient.fhir_client import FhirClient, FhirUnavailable
 from service.patient.record import resources_in
@@ -88,12 +89,14 @@ def resolve(request: HookRequest, templates: dict[str, str], settings: FetchSett
         with ThreadPoolExecutor(max_workers=len(to_fetch)) as pool:
             for key, resources, problem, complete in pool.map(fetch, to_fetch):
                 if resources is None:
+                    metrics.FHIR_FAILURES.labels(key).inc()
                     missing[key] = problem or "unavailable"
                 else:
                     resolved.resources[key], resolved.sources[key] = resources, "fhir-server"
                     if not complete:
                         resolved.incomplete.append(key)
         resolved.fhir_calls = client.calls
+        metrics.FHIR_CALLS.inc(client.calls)
     if missing:
         raise PreconditionFailed(
             "required FHIR data could be had neither from prefetch nor from the FHIR server",

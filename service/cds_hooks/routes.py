@@ -14,6 +14,7 @@ from flask import Blueprint, Response, current_app, request
 from service.errors import BadRequest, NotFound
 
 from . import hooks
+from .feedback import FeedbackError, parse_feedback
 from .services import SERVICES, prefetch_templates
 
 log = logging.getLogger(__name__)
@@ -83,8 +84,31 @@ def invoke(service_id: str) -> Response:
             "hookInstance": outcome.hook_instance,
             "rules_fired": outcome.rule_ids,
             "skipped_resources": outcome.skipped_resources,
+            # Resources about another patient in this patient's prefetch: dropped, and worth an EHR ticket.
+            "other_patient_resources": outcome.other_patient_resources,
             "data_sources": outcome.sources,
             "ms": round((time.perf_counter() - started) * 1000, 1),
         },
     )
     return json_response({"cards": outcome.cards}, headers=headers)
+
+
+@bp.post("/cds-services/<service_id>/feedback")
+def feedback(service_id: str) -> Response:
+    """CDS Hooks 2.0 "Feedback": store each item durably, tied to the rule that made the card."""
+    service_or_404(service_id)
+    ext = current_app.extensions["calcinosis"]
+    ext.authenticate(request, service_id)
+    try:
+        items = parse_feedback(read_json())
+    except FeedbackError as exc:
+        details = {k: v for k, v in (("index", exc.index), ("field", exc.field)) if v is not None}
+        raise BadRequest(str(exc), code="invalid_feedback", **details) from None
+    stored = ext.store.add_feedback(service_id, items, ext.now())
+    unknown = [s.card for s in stored if not s.known_card]
+    log.info(
+        "feedback stored",
+        extra={"event": "feedback_stored", "service": service_id, "items": len(stored), "unknown_cards": len(unknown),
+               "outcomes": [s.outcome for s in stored], "rules": sorted({s.rule_id for s in stored if s.rule_id})},
+    )
+    return json_response({"stored": len(stored), "unknownCards": unknown})

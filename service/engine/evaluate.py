@@ -263,7 +263,8 @@ class Evaluator:
 
     def _normalise(self, spec: ObservationFact, entry: ObservationEntry, reading: Reading, notes: list[str]) -> FactValue:
         analyte = ANALYTES[spec.analyte]
-        sent = f"{(reading.comparator or '')}{format_number(reading.value)} {reading.unit_text or reading.unit or '(no unit)'}"
+        # Exactly as the lab sent it: no rounding, its own unit spelling.
+        sent = f"{(reading.comparator or '')}{reading.value:g} {reading.unit_text or reading.unit or '(no unit)'}"
         evidence = Evidence(spec.title, entry.reference, entry.effective, sent=sent, code=f"{entry.system}|{entry.code}", display=entry.display)
         factor = analyte.convert(1.0, reading.unit, spec.unit)
         if factor is None:

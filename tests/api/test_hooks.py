@@ -258,3 +258,12 @@ def test_configured_cors_origins_echo_only_allowed_origins(tmp_path):
     assert allowed.headers["Access-Control-Allow-Origin"] == "https://ehr.example.org"
     refused = client.get("/cds-services", headers={"Origin": "https://evil.example.com"})
     assert "Access-Control-Allow-Origin" not in refused.headers
+
+
+def test_resources_about_another_patient_are_not_used(client):
+    request = request_with_prefetch("esrd-dialysis-high-product.json")
+    for entry in request["prefetch"]["conditions"]["entry"]:
+        entry["resource"]["subject"] = {"reference": "Patient/someone-else"}
+    codes = [c["source"]["topic"]["code"] for c in client.post(URL, json=request).json["cards"]]
+    # Without this patient's ESRD diagnosis there is no kidney failure: the risk card must not appear.
+    assert "calciphylaxis-risk" not in codes
