@@ -148,8 +148,10 @@ def explain_text(result) -> str:
         for e in fact.evidence:
             date = e.date.isoformat() if e.date else "no date"
             if e.sent is not None:
-                normalised = f"{format_number(e.value)} {e.unit}" if e.value is not None else "unknown"
+                normalised = f"{e.comparator or ''}{format_number(e.value)} {e.unit}" if e.value is not None else "unknown"
                 lines.append(f"    {e.reference}: sent {e.sent}, normalised {normalised}, {date}")
+            elif e.reference.startswith("Patient/"):
+                lines.append(f"    {e.reference}")
             else:
                 lines.append(f"    {e.reference}: {e.display or ''} ({e.code}), {date}")
         lines += [f"    - {note}" for note in fact.notes]

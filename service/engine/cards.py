@@ -97,7 +97,7 @@ def _evidence_line(e) -> str:
     date = e.date.date().isoformat() if e.date else "date not recorded"
     if e.sent is None:  # a Condition
         return f"{e.title}: {_escape(e.display or '')} ({_code(e.code)}), recorded {date}, {e.reference}"
-    normalised = f"{format_number(e.value)} {e.unit}" if e.value is not None else "unit not understood"
+    normalised = f"{e.comparator or ''}{format_number(e.value)} {e.unit}" if e.value is not None else "unit not understood"
     return f"{e.title}: {normalised} on {date} (sent as {_escape(e.sent)}; {e.reference})"
 
 

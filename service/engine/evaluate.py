@@ -18,7 +18,7 @@ from .model import (
     PatientFact, ProductFact, Rule, RuleSet,
 )
 from .record import InvalidResource, ObservationEntry, Reading, Record
-from .templates import Placeholder, format_number
+from .templates import WIDTHS, Placeholder, format_number
 from .units import ANALYTES
 
 USABLE_OBSERVATION_STATUSES = frozenset({"final", "amended", "corrected"})
@@ -36,6 +36,7 @@ class Evidence:
     date: datetime | None
     sent: str | None = None  # value and unit exactly as the lab sent them
     value: float | None = None  # normalised
+    comparator: str | None = None  # "<", ">"...: the value is a bound
     unit: str | None = None
     code: str | None = None
     display: str | None = None
@@ -265,12 +266,12 @@ class Evaluator:
         analyte = ANALYTES[spec.analyte]
         # Exactly as the lab sent it: no rounding, its own unit spelling.
         sent = f"{(reading.comparator or '')}{reading.value:g} {reading.unit_text or reading.unit or '(no unit)'}"
-        evidence = Evidence(spec.title, entry.reference, entry.effective, sent=sent, code=f"{entry.system}|{entry.code}", display=entry.display)
+        evidence = Evidence(spec.title, entry.reference, entry.effective, sent=sent, code=f"{entry.system}|{entry.code}", display=entry.display, comparator=reading.comparator)
         factor = analyte.convert(1.0, reading.unit, spec.unit)
         if factor is None:
             notes.append(
                 f"{entry.reference}: unit {reading.unit or '(none)'!r} is not a known {spec.analyte} unit, "
-                f"so the value is unknown (known: {', '.join(sorted(set(analyte.factors)))})"
+                f"so the value is unknown (known: {', '.join(analyte.spellings)})"
             )
             return FactValue(spec.name, spec.title, "unknown", unit=spec.unit, date=entry.effective, evidence=[evidence], notes=notes)
         interval = Interval.from_comparator(reading.value, reading.comparator).scaled(factor)
@@ -392,7 +393,10 @@ class Evaluator:
             return "none"
         if attribute == "value":
             if fact.interval is not None and not fact.interval.is_exact and fact.value is not None:
-                return _bound_prefix(fact.interval) + format_number(float(fact.value), placeholder.number_format)
+                prefix = _bound_prefix(fact.interval)
+                text = prefix + format_number(float(fact.value), placeholder.number_format)
+                # Never let the width clamp cut a number: fall back to a short scientific form.
+                return text if len(text) <= WIDTHS["value"] else f"{prefix}{float(fact.value):.1e}"
             return fact.value
         if attribute == "unit":
             return fact.unit

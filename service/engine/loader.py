@@ -26,7 +26,7 @@ from .model import (
     Action, AllOf, AnyOf, CardSpec, ConditionFact, DefinitionFact, DetailLine, Expr, Fact, Leaf, Link,
     NotOf, ObservationFact, PatientFact, ProductFact, Rule, RuleSet, Settings, Suggestion, facts_in,
 )
-from .templates import ATTRIBUTES_BY_KIND, Template, TemplateError
+from .templates import Placeholder, Template, TemplateError
 from .units import ANALYTES
 from .valuesets import ICD10CM, CodeIndex, ValueSet, normalise_code
 
@@ -105,6 +105,9 @@ class _Loader:
         self.facts: dict[str, Fact] = {}
         self.valuesets: dict[str, ValueSet] = {}
         self._fact_origin: dict[str, tuple[_File, tuple]] = {}
+        # Names whose own definition already has an error: uses of them are not reported again.
+        self.broken_facts: set[str] = set()
+        self.broken_rules: set[str] = set()
 
     # --- reporting -------------------------------------------------------------------------
 
@@ -168,6 +171,7 @@ class _Loader:
                 self.collect_facts(file, document["facts"], ("facts",), document["id"])
         self.check_facts()
         rules = [r for file, document in documents if (r := self.build_rule(file, document))]
+        self.broken_rules = {d["id"] for _, d in documents} - {r.id for r in rules}
         suppressors = self.check_rules(rules)
         if not rules and not self.errors:
             self.error(str(self.root), (), "no rule files found")
@@ -198,7 +202,14 @@ class _Loader:
 
     def load_valueset(self, path: Path) -> None:
         file = self.open(path)
-        if file is None or not self.check_schema(file, file.data, schema.VALUESET):
+        if file is None:
+            return
+        for i, entry in enumerate(file.data.get("codes") or [] if isinstance(file.data, dict) else []):
+            if isinstance(entry, dict) and isinstance(entry.get("code"), (int, float)):
+                # YAML reads 0123 as 83 and 1.10 as 1.1: an unquoted code may not be the code you wrote.
+                self.error(file, ("codes", i, "code"), f'write codes in quotes, e.g. code: "{file.text.splitlines()[file.line(("codes", i, "code")) - 1].split(":", 1)[1].strip()}"')
+                entry["code"] = str(entry["code"])
+        if not self.check_schema(file, file.data, schema.VALUESET):
             return
         data = file.data
         if data["id"] != path.stem:
@@ -229,6 +240,8 @@ class _Loader:
             fact = self.build_fact(file, path, name, spec, rule)
             if fact is not None:
                 self.facts[name] = fact
+            else:
+                self.broken_facts.add(name)
 
     def build_fact(self, file: _File, path: tuple, name: str, spec: dict, rule: str | None) -> Fact | None:
         kinds = [k for k in schema.FACT_KINDS if k in spec]
@@ -245,14 +258,14 @@ class _Loader:
             return None
         title = spec["title"]
         if kind == "observation":
-            if not self.known_valueset(file, path + ("observation",), spec["observation"], rule):
-                return None
+            # Check every part, so one run shows every mistake in the fact.
+            known = self.known_valueset(file, path + ("observation",), spec["observation"], rule)
             analyte = ANALYTES[spec["analyte"]]
-            if analyte.factor(spec["unit"]) is None:
-                self.error(file, path + ("unit",), f"'{spec['unit']}' is not a {analyte.name} unit (expected one of: {', '.join(sorted(set(analyte.factors)))})", rule)
-                return None
+            unit_ok = analyte.factor(spec["unit"]) is not None
+            if not unit_ok:
+                self.error(file, path + ("unit",), f"'{spec['unit']}' is not a {analyte.name} unit (expected one of: {', '.join(analyte.spellings)})", rule)
             lookback = self.duration(file, path + ("lookback",), spec["lookback"], rule)
-            if lookback is None:
+            if not (known and unit_ok and lookback):
                 return None
             return ObservationFact(name, title, spec["observation"], analyte.name, spec["unit"], lookback, spec.get("default_upper_limit"))
         if kind == "condition":
@@ -271,12 +284,15 @@ class _Loader:
             if isinstance(fact, ProductFact):
                 for i, part in enumerate(fact.of):
                     if not isinstance(self.facts.get(part), ObservationFact):
-                        self.error(file, path + ("product", i), f"'{part}' must name an observation fact{self.suggest(part)}")
+                        if part not in self.broken_facts:
+                            self.error(file, path + ("product", i), f"'{part}' must name an observation fact{self.suggest(part)}")
                         self.facts.pop(name, None)
+                        self.broken_facts.add(name)
             elif isinstance(fact, DefinitionFact):
                 expr = self.expr(file, path + ("definition",), fact.when, None)
                 if expr is None:
                     self.facts.pop(name, None)
+                    self.broken_facts.add(name)
                 else:
                     self.facts[name] = DefinitionFact(name, fact.title, expr)
         self.check_definition_cycles()
@@ -352,7 +368,8 @@ class _Loader:
         name, _, attribute = node["fact"].partition(".")
         fact = self.facts.get(name)
         if fact is None:
-            self.error(file, path + ("fact",), f"unknown fact '{name}'{self.suggest(name)}", rule)
+            if name not in self.broken_facts:
+                self.error(file, path + ("fact",), f"unknown fact '{name}'{self.suggest(name)}", rule)
             return None
         kind = fact.kind
         if attribute:
@@ -396,6 +413,8 @@ class _Loader:
         for line in card.detail:
             if line.when is not None:
                 self._expand(facts_in(line.when), evidence)
+            self._expand([n for n in line.text.fact_names if n in self.facts], evidence)
+        self._expand([n for n in card.summary.fact_names if n in self.facts], evidence)
         for suggestion in card.suggestions:
             for action in suggestion.actions:
                 if action.when is not None:
@@ -431,26 +450,27 @@ class _Loader:
             return None
         for name in template.fact_names:
             if name not in self.facts:
-                self.error(file, path, f"placeholder names an unknown fact '{name}'{self.suggest(name)}", rule)
+                if name not in self.broken_facts:
+                    self.error(file, path, f"placeholder names an unknown fact '{name}'{self.suggest(name)}", rule)
                 return None
-        for placeholder in template.placeholders:
-            fact = self.facts.get(placeholder.fact)
-            if fact is None:
-                self.error(file, path, f"placeholder {{{placeholder.fact}}} names an unknown fact{self.suggest(placeholder.fact)}", rule)
-                return None
-            allowed = ATTRIBUTES_BY_KIND[fact.kind]
-            if (placeholder.attribute or "value") not in allowed and not (fact.kind == "condition" and not placeholder.attribute):
-                self.error(file, path, f"placeholder {{{placeholder.fact}.{placeholder.attribute or 'value'}}}: a {fact.kind} fact shows {', '.join(allowed) or 'nothing'}", rule)
-                return None
-        return template
+        parts = []
+        for part in template.parts:
+            if isinstance(part, Placeholder) and not part.absent_of:
+                fact = self.facts[part.fact]
+                allowed = template_attributes(fact)
+                attribute = part.attribute or allowed[0] if allowed else part.attribute
+                if attribute not in allowed:
+                    shows = ", ".join(allowed) or "nothing (use it in conditions)"
+                    self.error(file, path, f"placeholder {{{part.fact}.{attribute or 'value'}}}: fact '{part.fact}' shows {shows}", rule)
+                    return None
+                part = Placeholder(part.fact, attribute, part.number_format)
+            parts.append(part)
+        return Template(template.source, tuple(parts))
 
     def build_card(self, file: _File, card: dict, rule: str) -> CardSpec | None:
         summary = self.template(file, ("card", "summary"), card["summary"], rule)
         if summary is not None:
-            longest = summary.max_length(
-                lambda name: "display" if self.facts[name].kind == "condition" else "value",
-                lambda name: self.facts[name].title,
-            )
+            longest = summary.max_length(lambda name: self.facts[name].title)
             if longest > SUMMARY_MAX:
                 self.error(file, ("card", "summary"), f"can render to {longest} characters with the widest values; CDS Hooks allows fewer than 140 (placeholders count as their widest: numbers 9, units 16, dates 10, displays 40)", rule)
         detail = []
@@ -514,6 +534,8 @@ class _Loader:
         suppressors: dict[str, list[str]] = {}
         for rule in rules:
             for i, target in enumerate(rule.suppresses):
+                if target in self.broken_rules:
+                    continue
                 if target == rule.id or target not in ids:
                     why = "a rule cannot suppress itself" if target == rule.id else f"unknown rule '{target}'"
                     self.error(rule.file, ("suppresses", i), why, rule.id)
@@ -535,6 +557,19 @@ class _Loader:
                 self.error(next(r.file for r in rules if r.id == rule_id), ("suppresses",), f"suppression goes in a circle: {' <- '.join(loop)}", rule_id)
                 break
         return {k: tuple(v) for k, v in suppressors.items()}
+
+
+def template_attributes(fact: Fact) -> tuple[str, ...]:
+    """What a placeholder may show of a fact; the first is what `{fact}` alone shows."""
+    if isinstance(fact, ObservationFact):
+        return ("value", "unit", "date", "sent", "upper_limit", "uln_multiple")
+    if isinstance(fact, ProductFact):
+        return ("value", "unit", "date")
+    if isinstance(fact, ConditionFact):
+        return ("display", "code", "date")
+    if isinstance(fact, PatientFact):
+        return ("value",)
+    return ()
 
 
 def _check_value(operator: str, value: Any, kind: str) -> str | None:

@@ -29,8 +29,7 @@ VALUESET = {
             "type": "dict",
             "schema": {
                 "system": {**_string, "required": True, "regex": r"^(https?|urn):\S+$"},
-                # Unquoted SNOMED codes load as numbers; they are still codes.
-                "code": {**_string, "required": True, "coerce": str},
+                "code": {**_string, "required": True},
                 "display": {"type": "string"},
             },
         },

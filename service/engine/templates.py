@@ -23,12 +23,6 @@ WIDTHS = {
     "upper_limit": 9,
     "uln_multiple": 9,
 }
-ATTRIBUTES_BY_KIND = {
-    "number": ("value", "unit", "date", "sent", "upper_limit", "uln_multiple"),
-    "condition": ("display", "code", "date"),
-    "text": ("value",),
-    "boolean": (),
-}
 _FORMAT = re.compile(r"^\.[0-3]f$")
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]<>()#+!|~])")
 
@@ -86,8 +80,8 @@ class Template:
         """Every fact a template reads, including those in {absent:...}."""
         return [n for p in self.parts if isinstance(p, Placeholder) for n in (p.absent_of or (p.fact,))]
 
-    def max_length(self, default_attribute: Callable[[str], str], title: Callable[[str], str]) -> int:
-        """Return the longest text this template can render to."""
+    def max_length(self, title: Callable[[str], str]) -> int:
+        """Return the longest text this template can render to (placeholders resolved by the loader)."""
         total = 0
         for p in self.parts:
             if isinstance(p, str):
@@ -95,7 +89,7 @@ class Template:
             elif p.absent_of:
                 total += sum(len(title(n)) for n in p.absent_of) + 5 * (len(p.absent_of) - 1)
             else:
-                total += WIDTHS[p.attribute or default_attribute(p.fact)]
+                total += WIDTHS[p.attribute or "value"]
         return total
 
     def render(self, lookup: Callable[[Placeholder], object], *, markdown: bool) -> str:

@@ -16,6 +16,12 @@ class Analyte:
     canonical: str
     # lower-cased unit spelling -> factor that multiplies a value in that unit into `canonical`
     factors: dict[str, float]
+    _spellings: list[str]
+
+    @property
+    def spellings(self) -> list[str]:
+        """The units understood, as written in the table (for messages)."""
+        return self._spellings
 
     def factor(self, unit: str | None) -> float | None:
         """Return the factor to canonical for a unit as a lab sent it, or None if unknown."""
@@ -35,8 +41,9 @@ def _fold(unit: str) -> str:
     return unit.strip().lower().replace(" ", "")
 
 
-def _table(canonical: str, factors: dict[str, float]) -> dict[str, float]:
-    return {_fold(unit): factor for unit, factor in factors.items()} | {_fold(canonical): 1.0}
+def _analyte(name: str, canonical: str, factors: dict[str, float]) -> Analyte:
+    table = {_fold(unit): factor for unit, factor in factors.items()} | {_fold(canonical): 1.0}
+    return Analyte(name, canonical, table, [canonical] + [u for u in factors if u != canonical])
 
 
 _EGFR = {
@@ -52,15 +59,15 @@ _EGFR = {
 ANALYTES: dict[str, Analyte] = {
     a.name: a
     for a in (
-        Analyte("calcium", "mg/dL", _table("mg/dL", {"mmol/L": 4.008})),
-        Analyte("phosphate", "mg/dL", _table("mg/dL", {"mmol/L": 3.097})),
-        Analyte("pth", "pg/mL", _table("pg/mL", {"ng/L": 1.0, "pmol/L": 9.43})),
-        Analyte("egfr", "mL/min/{1.73_m2}", _table("mL/min/{1.73_m2}", _EGFR)),
-        Analyte("albumin", "g/dL", _table("g/dL", {"g/L": 0.1})),
+        _analyte("calcium", "mg/dL", {"mmol/L": 4.008}),
+        _analyte("phosphate", "mg/dL", {"mmol/L": 3.097}),
+        _analyte("pth", "pg/mL", {"ng/L": 1.0, "pmol/L": 9.43}),
+        _analyte("egfr", "mL/min/{1.73_m2}", _EGFR),
+        _analyte("albumin", "g/dL", {"g/L": 0.1}),
     )
 }
 
 
 def units_of(analyte: str) -> list[str]:
     """List the unit spellings the engine understands for an analyte (for messages)."""
-    return sorted(ANALYTES[analyte].factors)
+    return ANALYTES[analyte].spellings

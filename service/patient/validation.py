@@ -16,6 +16,17 @@ def _model(resource_type: str):
     return get_fhir_model_class(resource_type)
 
 
+# fhir.resources checks structure, not codes (it accepts status "bogus"): the required
+# bindings of the resources rules propose are checked here.
+REQUIRED_CODES = {
+    "ServiceRequest": {
+        "status": {"draft", "active", "on-hold", "revoked", "completed", "entered-in-error", "unknown"},
+        "intent": {"proposal", "plan", "directive", "order", "original-order", "reflex-order", "filler-order", "instance-order", "option"},
+        "priority": {"routine", "urgent", "asap", "stat"},
+    },
+}
+
+
 def validation_error(resource: dict) -> str | None:
     """Return None if the resource is valid FHIR R4, else a short description of the first problem."""
     resource_type = resource.get("resourceType") if isinstance(resource, dict) else None
@@ -35,4 +46,7 @@ def validation_error(resource: dict) -> str | None:
         return f"{location or resource_type}: {first.get('msg', 'invalid')}{more}"
     except (TypeError, ValueError) as exc:  # fhir.resources raises these for some malformed primitives
         return str(exc).splitlines()[0]
+    for field, allowed in REQUIRED_CODES.get(resource_type, {}).items():
+        if field in resource and resource[field] not in allowed:
+            return f"{field}: {resource[field]!r} is not one of {', '.join(sorted(allowed))}"
     return None
