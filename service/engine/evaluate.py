@@ -24,6 +24,7 @@ from .units import ANALYTES
 USABLE_OBSERVATION_STATUSES = frozenset({"final", "amended", "corrected"})
 PRESENT_CLINICAL_STATUSES = frozenset({"active", "recurrence", "relapse"})
 EXCLUDED_VERIFICATION_STATUSES = frozenset({"refuted", "entered-in-error"})
+COMPARATORS = (None, "<", "<=", ">", ">=")
 MAX_NOTES = 6  # per fact: enough to explain, bounded for patients with thousands of results
 
 
@@ -133,6 +134,7 @@ class Evaluator:
         self.record = record
         self.now = now
         self._facts: dict[str, FactValue] = {}
+        self._candidate_cache: dict[str, tuple[list[ObservationEntry], list[str]]] = {}
 
     # --- rules and conditions ------------------------------------------------------------
 
@@ -213,8 +215,16 @@ class Evaluator:
         result, trace = self.test(spec.when)
         return FactValue(name, spec.title, "unknown" if result is None else "found", value=result, trace=trace)
 
-    def _candidates(self, spec: ObservationFact, notes: list[str]) -> Iterator[ObservationEntry]:
-        """Yield entries dated within the window with a usable status, newest first."""
+    def _candidates(self, spec: ObservationFact, notes: list[str]) -> list[ObservationEntry]:
+        """Entries dated within the window with a usable status, newest first (read once per fact)."""
+        if spec.name not in self._candidate_cache:
+            found_notes: list[str] = []
+            self._candidate_cache[spec.name] = (list(self._scan(spec, found_notes)), found_notes)
+        entries, found_notes = self._candidate_cache[spec.name]
+        notes += found_notes
+        return list(entries)
+
+    def _scan(self, spec: ObservationFact, notes: list[str]) -> Iterator[ObservationEntry]:
         since = self.now - spec.lookback
         skipped = 0
         for entry in self.record.observations(spec.valueset):
@@ -274,6 +284,9 @@ class Evaluator:
                 f"so the value is unknown (known: {', '.join(analyte.spellings)})"
             )
             return FactValue(spec.name, spec.title, "unknown", unit=spec.unit, date=entry.effective, evidence=[evidence], notes=notes)
+        if reading.comparator not in COMPARATORS:
+            notes.append(f"{entry.reference}: comparator {reading.comparator!r} is not a FHIR comparator, so the value is unknown")
+            return FactValue(spec.name, spec.title, "unknown", unit=spec.unit, date=entry.effective, evidence=[evidence], notes=notes)
         interval = Interval.from_comparator(reading.value, reading.comparator).scaled(factor)
         value = reading.value * factor
         evidence.value, evidence.unit = value, spec.unit
@@ -288,7 +301,9 @@ class Evaluator:
         upper, note = None, ""
         if reading.reference_high is not None:
             upper = analyte.convert(reading.reference_high, reading.reference_high_unit or reading.unit, spec.unit)
-            note = "from the lab's reference range" if upper is not None else "reference range unit not understood"
+            if upper is not None and upper <= 0:
+                upper = None  # a high of zero is not a usable limit
+            note = "from the lab's reference range" if upper is not None else "reference range not usable"
         if upper is None and spec.default_upper_limit is not None:
             upper, note = spec.default_upper_limit, "default upper limit from the rule set (the lab sent none)"
         if not upper:

@@ -104,7 +104,7 @@ class _Loader:
         self.errors: list[RuleError] = []
         self.facts: dict[str, Fact] = {}
         self.valuesets: dict[str, ValueSet] = {}
-        self._fact_origin: dict[str, tuple[_File, tuple]] = {}
+        self._fact_origin: dict[str, tuple[_File, tuple, str | None]] = {}
         # Names whose own definition already has an error: uses of them are not reported again.
         self.broken_facts: set[str] = set()
         self.broken_rules: set[str] = set()
@@ -165,12 +165,16 @@ class _Loader:
             for path in sorted(self.root.glob("*.y*ml"))
             if path.stem not in ("settings", "facts") and (file := self.open(path))
         ]
-        documents = [(f, f.data) for _, f in rule_files if self.check_schema(f, f.data, schema.RULE)]
+        documents = [
+            (f, f.data) for _, f in rule_files
+            if self.check_schema(f, f.data, schema.RULE, rule=_rule_id(f.data, f.path.stem))
+        ]
         for file, document in documents:  # rule-local facts first, so any rule may read them
             if "facts" in document:
                 self.collect_facts(file, document["facts"], ("facts",), document["id"])
         self.check_facts()
         rules = [r for file, document in documents if (r := self.build_rule(file, document))]
+        self._rule_files = {d["id"]: f for f, d in documents}
         self.broken_rules = {d["id"] for _, d in documents} - {r.id for r in rules}
         suppressors = self.check_rules(rules)
         if not rules and not self.errors:
@@ -236,7 +240,7 @@ class _Loader:
             if name in self.facts or name in self._fact_origin:
                 self.error(file, path, f"fact '{name}' is defined twice (also in {self._fact_origin[name][0].name})", rule)
                 continue
-            self._fact_origin[name] = (file, path)
+            self._fact_origin[name] = (file, path, rule)
             fact = self.build_fact(file, path, name, spec, rule)
             if fact is not None:
                 self.facts[name] = fact
@@ -280,16 +284,16 @@ class _Loader:
 
     def check_facts(self) -> None:
         for name, fact in list(self.facts.items()):
-            file, path = self._fact_origin[name]
+            file, path, rule = self._fact_origin[name]
             if isinstance(fact, ProductFact):
                 for i, part in enumerate(fact.of):
                     if not isinstance(self.facts.get(part), ObservationFact):
                         if part not in self.broken_facts:
-                            self.error(file, path + ("product", i), f"'{part}' must name an observation fact{self.suggest(part)}")
+                            self.error(file, path + ("product", i), f"'{part}' must name an observation fact{self.suggest(part)}", rule)
                         self.facts.pop(name, None)
                         self.broken_facts.add(name)
             elif isinstance(fact, DefinitionFact):
-                expr = self.expr(file, path + ("definition",), fact.when, None)
+                expr = self.expr(file, path + ("definition",), fact.when, rule)
                 if expr is None:
                     self.facts.pop(name, None)
                     self.broken_facts.add(name)
@@ -298,19 +302,29 @@ class _Loader:
         self.check_definition_cycles()
 
     def check_definition_cycles(self) -> None:
+        in_cycle: set[str] = set()
+
         def visit(name: str, stack: list[str]) -> None:
             fact = self.facts.get(name)
-            if not isinstance(fact, DefinitionFact):
+            if not isinstance(fact, DefinitionFact) or name in in_cycle:
                 return
             if name in stack:
-                file, path = self._fact_origin[name]
-                self.error(file, path, f"definitions refer to each other in a circle: {' -> '.join(stack + [name])}")
+                loop = stack[stack.index(name):]
+                if not in_cycle & set(loop):
+                    file, path, rule = self._fact_origin[name]
+                    self.error(file, path, f"definitions refer to each other in a circle: {' -> '.join(loop + [name])}", rule)
+                in_cycle.update(loop)
                 return
             for inner in facts_in(fact.when):
                 visit(inner, stack + [name])
 
         for name in list(self.facts):
             visit(name, [])
+        # A circular definition cannot be evaluated: drop it, so rules using it fail quietly
+        # (the circle itself is the error reported) instead of recursing forever.
+        for name in in_cycle:
+            self.facts.pop(name, None)
+            self.broken_facts.add(name)
 
     def known_valueset(self, file: _File, path: tuple, vs_id: str, rule: str | None) -> bool:
         if vs_id in self.valuesets:
@@ -436,7 +450,9 @@ class _Loader:
 
     def _expand(self, names: list[str], out: list[str]) -> None:
         for name in names:
-            fact = self.facts[name]
+            fact = self.facts.get(name)
+            if fact is None:
+                continue
             if isinstance(fact, DefinitionFact):
                 self._expand(facts_in(fact.when), out)
             elif name not in out:
@@ -530,15 +546,17 @@ class _Loader:
         ids = [r.id for r in rules]
         for rule in rules:
             if ids.count(rule.id) > 1:
-                self.error(rule.file, ("id",), f"rule id '{rule.id}' is used twice", rule.id)
+                self.error(self._rule_files.get(rule.id, rule.file), ("id",), f"rule id '{rule.id}' is used twice", rule.id)
         suppressors: dict[str, list[str]] = {}
         for rule in rules:
             for i, target in enumerate(rule.suppresses):
                 if target in self.broken_rules:
                     continue
                 if target == rule.id or target not in ids:
-                    why = "a rule cannot suppress itself" if target == rule.id else f"unknown rule '{target}'"
-                    self.error(rule.file, ("suppresses", i), why, rule.id)
+                    close = difflib.get_close_matches(target, ids, n=1)
+                    hint = f" (did you mean '{close[0]}'?)" if close and target != rule.id else ""
+                    why = "a rule cannot suppress itself" if target == rule.id else f"unknown rule '{target}'{hint}"
+                    self.error(self._rule_files.get(rule.id, rule.file), ("suppresses", i), why, rule.id)
                 else:
                     suppressors.setdefault(target, []).append(rule.id)
 
@@ -554,9 +572,14 @@ class _Loader:
         for rule_id in suppressors:
             loop = cycle(rule_id, [])
             if loop:
-                self.error(next(r.file for r in rules if r.id == rule_id), ("suppresses",), f"suppression goes in a circle: {' <- '.join(loop)}", rule_id)
+                self.error(self._rule_files.get(rule_id, rule_id), ("suppresses",), f"suppression goes in a circle: {' <- '.join(loop)}", rule_id)
                 break
         return {k: tuple(v) for k, v in suppressors.items()}
+
+
+def _rule_id(document: Any, stem: str) -> str:
+    """The rule id for messages, even from a file that fails its schema."""
+    return document.get("id") if isinstance(document, dict) and isinstance(document.get("id"), str) else stem
 
 
 def template_attributes(fact: Fact) -> tuple[str, ...]:

@@ -48,8 +48,8 @@ class RuleStore:
             self.last_attempt = datetime.now(UTC)
             try:
                 ruleset = load_ruleset(self.directory, validate_resource=self._validate)
-            except RuleSetError as exc:
-                self.last_error = [str(e) for e in exc.errors]
+            except Exception as exc:  # a loader surprise must not take the serving set down either
+                self.last_error = [str(e) for e in exc.errors] if isinstance(exc, RuleSetError) else [f"{type(exc).__name__}: {exc}"]
                 log.error(
                     "rule reload refused; still serving the last good rule set",
                     extra={"event": "rules_reload_failed", "errors": self.last_error, "serving": self._current.fingerprint},

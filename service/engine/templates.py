@@ -115,7 +115,7 @@ def format_number(value: float, number_format: str | None = None) -> str:
         text = f"{value:.{decimals}f}"
         if "." in text:
             text = text.rstrip("0").rstrip(".")
-    return text if len(text) <= WIDTHS["value"] else f"{value:.2e}"
+    return text if len(text) <= WIDTHS["value"] else f"{value:.1e}"
 
 
 def format_value(value: object, placeholder: Placeholder) -> str:

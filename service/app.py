@@ -1,0 +1,189 @@
+"""The app factory: `create_app()` is the one place where things are wired: configuration, the rule
+store, the protocol blueprint, error handlers. gunicorn and `make run` both serve it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Callable
+
+import requests
+from flask import Flask, Request, g, request
+from werkzeug.exceptions import HTTPException
+
+from . import config as config_module
+from . import logs, metrics
+from .store import Store
+from .errors import ServiceError, ServiceUnavailable, Unauthorized
+
+log = logging.getLogger(__name__)
+
+
+class Calcinosis:
+    """What the routes need, injected so tests can replace the clock, uuids and HTTP session."""
+
+    def __init__(self, app: Flask) -> None:
+        from service.cds_hooks.prefetch import FetchSettings
+        from service.engine.reloading import RuleStore
+        from service.patient.validation import validation_error
+
+        self.config = app.config
+        self.rules = RuleStore(app.config["RULES_DIR"], validate_resource=validation_error)
+        self.session: requests.Session = app.config.get("HTTP_SESSION") or requests.Session()
+        self.fetch_settings = FetchSettings(self.session, app.config["FHIR_TIMEOUT"], app.config["FHIR_MAX_PAGES"], app.config["FHIR_BUDGET"])
+        fixed = app.config.get("NOW")
+        self._clock: Callable[[], datetime] = app.config.get("CLOCK") or (
+            (lambda: datetime.fromisoformat(fixed.replace("Z", "+00:00"))) if fixed else (lambda: datetime.now(UTC))
+        )
+        self.new_uuid: Callable[[], str] = app.config.get("UUID") or (lambda: str(uuid.uuid4()))
+        self.store = app.config.get("STORE") or Store.from_url(app.config["DATABASE_URL"])
+        self.auth_disabled = str(app.config["AUTH"]).lower() == "disabled"
+        self.authenticator = None if self.auth_disabled else self._authenticator(app.config)
+        self.rules.listeners.append(lambda ok: metrics.RULE_RELOADS.labels("ok" if ok else "refused").inc())
+
+    def _authenticator(self, config):
+        from service.cds_hooks.auth import ClientAuthenticator, ConfigurationError, TrustedIssuers
+
+        path = config["TRUSTED_ISSUERS"]
+        try:
+            issuers = TrustedIssuers.load(path) if path else TrustedIssuers([])
+        except (ConfigurationError, OSError) as exc:
+            raise SystemExit(f"CDS_TRUSTED_ISSUERS: {exc}") from None
+        if not len(issuers):
+            log.warning("no trusted CDS client issuers configured: every hook call will be refused", extra={"event": "no_trusted_issuers"})
+        return ClientAuthenticator(
+            issuers,
+            session=self.session,
+            clock=config.get("AUTH_CLOCK") or time.time,
+            replay_cache=_StoreReplayCache(self.store),
+        )
+
+    def now(self) -> datetime:
+        return self._clock()
+
+    def base_url(self) -> str:
+        """The public base URL: configured (behind a proxy) or as the request reached us."""
+        return (self.config["PUBLIC_BASE_URL"] or request.host_url).rstrip("/")
+
+    def documentation_url(self, rule_id: str) -> str:
+        template = self.rules.current.settings.documentation_url
+        return template.format(rule_id=rule_id) if template else f"{self.base_url()}/rules/{rule_id}"
+
+    def authenticate(self, req: Request, service_id: str) -> None:
+        """Verify the CDS client's JWT: CDS Hooks 2.0 "Trusting CDS Clients"; aud is the URL invoked."""
+        if self.auth_disabled:
+            return
+        from service.cds_hooks.auth import JWKS_UNAVAILABLE, MISSING_TOKEN, AuthenticationError
+
+        audience = self.base_url() + req.path
+        try:
+            claims = self.authenticator.authenticate(req.headers.get("Authorization"), audience)
+        except AuthenticationError as exc:
+            # The reason is for operators; the client learns only a stable code.
+            log.warning("CDS client refused", extra={"event": "auth_refused", "code": exc.code, "reason": exc.reason, "service": service_id})
+            if exc.code == JWKS_UNAVAILABLE:
+                raise ServiceUnavailable("the CDS client's keys could not be fetched; try again", code="auth_unavailable") from None
+            raise Unauthorized("a valid CDS client JWT is required", code=MISSING_TOKEN if exc.code == MISSING_TOKEN else "invalid_token") from None
+        g.cds_client = claims.get("iss")
+
+    def cards_issued(self, hook_instance: str, service_id: str, cards: list[dict], rule_ids: list[str]) -> None:
+        """Record issued cards (ids and rule only, no patient data) so feedback can be tied to rules."""
+        from service.store import IssuedCard
+
+        issued = [
+            IssuedCard(card["uuid"], rule_id, card["indicator"], tuple(s["uuid"] for s in card.get("suggestions", ())))
+            for card, rule_id in zip(cards, rule_ids)
+        ]
+        for card in issued:
+            metrics.CARDS.labels(card.rule_id, card.indicator).inc()
+        self.store.record_cards(hook_instance, service_id, issued, self.now())
+
+
+class _StoreReplayCache:
+    """Seen JWT ids in the shared store, so a replay is caught whichever worker it reaches."""
+
+    def __init__(self, store) -> None:
+        self.store = store
+
+    def check_and_store(self, iss: str, jti: str, expires_at: float) -> bool:
+        return self.store.check_and_store_jti(iss, jti, expires_at)
+
+
+def create_app(test_config: dict | None = None) -> Flask:
+    """Build the Flask app from defaults, CDS_* environment variables and `test_config`."""
+    app = Flask(__name__)
+    app.config.update(config_module.from_environment())
+    if test_config:
+        app.config.update(test_config)
+    app.json.sort_keys = False
+    logs.configure(app.config["LOG_LEVEL"])
+
+    ext = Calcinosis(app)
+    app.extensions["calcinosis"] = ext
+
+    from .cds_hooks import cors, routes
+    from . import ops
+
+    app.register_blueprint(routes.bp)
+    app.register_blueprint(ops.bp)
+    cors.init_app(app)
+    _register_error_handlers(app)
+
+    _instrument(app)
+    if ext.auth_disabled:
+        log.warning("CDS client authentication is DISABLED (CDS_AUTH=disabled): local demos only", extra={"event": "auth_disabled"})
+
+    @app.before_request
+    def start_rule_watcher() -> None:
+        # Started lazily in each process: gunicorn forks workers after the app is built.
+        ext.rules.watch(app.config["RULES_POLL_SECONDS"])
+
+    log.info("service ready", extra={"event": "started", "rules": ext.rules.status()["rules"], "fingerprint": ext.rules.current.fingerprint})
+    return app
+
+
+def _instrument(app: Flask) -> None:
+    """Count and time every CDS Hooks request by service, endpoint and status."""
+
+    @app.before_request
+    def start_timer() -> None:
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def observe(response):
+        if request.path.startswith("/cds-services") and request.method != "OPTIONS":
+            parts = request.path.strip("/").split("/")
+            service = parts[1] if len(parts) > 1 else "-"
+            endpoint = "discovery" if len(parts) == 1 else ("feedback" if parts[-1] == "feedback" and len(parts) == 3 else "invoke")
+            labels = (service, endpoint, str(response.status_code))
+            metrics.REQUESTS.labels(*labels).inc()
+            metrics.LATENCY.labels(*labels).observe(time.perf_counter() - g.get("started", time.perf_counter()))
+        return response
+
+
+def _register_error_handlers(app: Flask) -> None:
+    from .cds_hooks.routes import json_response
+
+    @app.errorhandler(ServiceError)
+    def service_error(exc: ServiceError):
+        log.info(
+            "request refused",
+            extra={"event": "request_error", "status": exc.status, "code": exc.code, "path": request.path},
+        )
+        return json_response(exc.body(), exc.status, getattr(exc, "headers", None))
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        codes = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+        message = exc.description or exc.name
+        if exc.code == 413:
+            message = f"the request body is larger than the configured maximum of {app.config['MAX_CONTENT_LENGTH']} bytes"
+        return json_response({"error": {"code": codes.get(exc.code, "http_error"), "message": message}}, exc.code or 500)
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception):
+        # Only the exception type is logged: its message could quote patient data.
+        log.error("unexpected error", extra={"event": "internal_error", "error_type": type(exc).__name__, "path": request.path})
+        return json_response({"error": {"code": "internal_error", "message": "the service failed to answer; the failure is logged"}}, 500)
