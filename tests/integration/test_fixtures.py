@@ -5,6 +5,7 @@ every other rule must stay silent. `rules test` checks the same lists rule by ru
 """
 from __future__ import annotations
 
+import orjson
 import pytest
 import responses
 import yaml
@@ -66,3 +67,26 @@ def test_rules_test_command_passes_on_the_shipped_rules(capsys):
     assert rules_main(["test"]) == 0
     out = capsys.readouterr().out
     assert "FAIL" not in out and " 0 failed" in out
+
+
+def _advice(card: dict) -> list[str]:
+    """The card's own paragraphs: its detail without the values-used list and the disclaimer."""
+    text = card["detail"].split("**Values used**")[0]
+    return [p.strip() for p in text.split("\n\n") if p.strip() and not p.startswith("_")]
+
+
+def _proposals(card: dict) -> list[str]:
+    return [
+        orjson.dumps(action["resource"]["code"], option=orjson.OPT_SORT_KEYS).decode()
+        for suggestion in card.get("suggestions", ())
+        for action in suggestion["actions"]
+    ]
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_no_two_cards_for_a_patient_repeat_advice_or_a_proposed_order(client, name):
+    cards = client.post(URL, json=request_with_prefetch(name)).json["cards"]
+    paragraphs = [p for card in cards for p in _advice(card)]
+    proposals = [p for card in cards for p in _proposals(card)]
+    assert len(paragraphs) == len(set(paragraphs)), name
+    assert len(proposals) == len(set(proposals)), name
