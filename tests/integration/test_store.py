@@ -77,9 +77,13 @@ def test_feedback_on_a_recorded_card_is_joined_to_its_rule(store):
     assert len({s.feedback_id for s in stored}) == 2
 
 
-def test_feedback_on_an_unknown_card_is_kept_and_flagged(store):
+def test_feedback_on_an_unknown_card_is_kept_and_flagged(db_path, store):
     [stored] = store.add_feedback(SERVICE, [overridden("never-issued")], NOW)
     assert stored.known_card is False and stored.rule_id is None
+    with sqlite3.connect(db_path) as raw:
+        rows = raw.execute("SELECT card_uuid, known_card, rule_id FROM feedback").fetchall()
+    raw.close()
+    assert rows == [("never-issued", 0, None)]
     [row] = store.report()
     assert row.rule_id == UNKNOWN_CARD_ROW and row.unknown_cards and row.overridden == 1
 
@@ -173,7 +177,8 @@ def _process_writer(url: str, worker: int, count: int, start) -> None:
     """Runs in a spawned process: open the store itself and write feedback and jtis."""
     store = Store.from_url(url)
     try:
-        start.wait()
+        # Bounded wait: if a sibling died before the barrier, fail instead of hanging.
+        start.wait(timeout=60)
         for n in range(count):
             store.add_feedback(SERVICE, [accepted(f"card-{worker}-{n}")], NOW)
             store.check_and_store_jti("issuer", f"jti-{worker}-{n}", time.time() + 300)
@@ -186,13 +191,22 @@ def test_three_processes_writing_concurrently_lose_nothing(db_path, store):
     context = multiprocessing.get_context("spawn")
     start = context.Barrier(3)
     processes = [
-        context.Process(target=_process_writer, args=(url, worker, 60, start)) for worker in range(3)
+        context.Process(target=_process_writer, args=(url, worker, 60, start), daemon=True)
+        for worker in range(3)
     ]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=120)
-    assert [p.exitcode for p in processes] == [0, 0, 0]
+    try:
+        for process in processes:
+            process.start()
+        deadline = time.monotonic() + 120
+        for process in processes:
+            process.join(timeout=max(0.0, deadline - time.monotonic()))
+        assert [p.exitcode for p in processes] == [0, 0, 0]
+    finally:
+        # A hung child must not keep pytest from exiting.
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+                process.join()
     assert total_feedback(store) == 180
     # Every jti written by the children is now seen as a replay here.
     assert not any(
