@@ -95,13 +95,13 @@ def _parse_timestamp(value: object, index: int) -> datetime:
             int(year), int(month), int(day), int(hour), int(minute), int(second), micro,
             tzinfo=timezone(offset),
         )
-    except ValueError:
-        # Well-formed but impossible, e.g. 2021-02-30 or 25:00.
+        # The spec asks for UTC; an explicit offset is unambiguous, so normalise instead of rejecting.
+        return parsed.astimezone(timezone.utc)
+    except (ValueError, OverflowError):
+        # Well-formed but impossible (2021-02-30, 25:00) or outside datetime's range once in UTC.
         raise FeedbackError(
             f"{_TIMESTAMP_EXPECTED}, got {_describe(value)}", index, "outcomeTimestamp"
         ) from None
-    # The spec asks for UTC; an explicit offset is unambiguous, so normalise instead of rejecting.
-    return parsed.astimezone(timezone.utc)
 
 
 def _optional_string(container: dict[str, Any], key: str, index: int, path: str) -> str | None:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import quote
 from dataclasses import dataclass, field
 
 import requests
 
 from service import metrics
 from service.errors import PreconditionFailed
-from service.patient.fhir_client import FhirClient, FhirUnavailable
+from service.patient.fhir_client import FhirClient, FhirUnavailable, next_link
 from service.patient.record import resources_in
 
 from .request import HookRequest
@@ -76,7 +77,8 @@ def resolve(request: HookRequest, templates: dict[str, str], settings: FetchSett
                 if first_page is not None:
                     result = client.continue_search(first_page)
                     return key, result.resources, None, result.complete
-                query = templates[key].replace(PATIENT_TOKEN, request.patient_id)
+                # The id is data, never query syntax: "p1&patient=p2" must not add a search parameter.
+                query = templates[key].replace(PATIENT_TOKEN, quote(request.patient_id, safe=""))
                 if "?" not in query:  # an instance read, e.g. Patient/{{context.patientId}}
                     resource = client.read(query)
                     return key, [resource] if resource else [], None, True
@@ -106,4 +108,4 @@ def resolve(request: HookRequest, templates: dict[str, str], settings: FetchSett
 
 
 def _has_next(bundle: dict) -> bool:
-    return any(isinstance(l, dict) and l.get("relation") == "next" for l in bundle.get("link") or ())
+    return next_link(bundle) is not None

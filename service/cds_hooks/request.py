@@ -45,7 +45,10 @@ def parse_hook_request(body: object, expected_hook: str) -> HookRequest:
     user_id = _string(context, "userId", "context.")
     fhir_server = body.get("fhirServer")
     if fhir_server is not None:
-        parts = urlsplit(fhir_server) if isinstance(fhir_server, str) else None
+        try:
+            parts = urlsplit(fhir_server) if isinstance(fhir_server, str) else None
+        except ValueError:  # e.g. "http://[": not a URL at all
+            parts = None
         if not parts or parts.scheme not in ("http", "https") or not parts.netloc:
             raise BadRequest("fhirServer must be an absolute http(s) URL", code="invalid_request", field="fhirServer")
     authorization = body.get("fhirAuthorization")

@@ -22,6 +22,17 @@ import requests
 log = logging.getLogger(__name__)
 
 
+def next_link(bundle: dict) -> str | None:
+    """The Bundle's `next` page URL; a malformed link list counts as none."""
+    links = bundle.get("link")
+    if not isinstance(links, list):
+        return None
+    return next(
+        (l["url"] for l in links if isinstance(l, dict) and l.get("relation") == "next" and isinstance(l.get("url"), str) and l["url"]),
+        None,
+    )
+
+
 class FhirUnavailable(Exception):
     """The FHIR server could not supply the data; `reason` is safe to show and log."""
 
@@ -108,7 +119,7 @@ class FhirClient:
             if bundle.get("resourceType") != "Bundle":
                 raise FhirUnavailable(f"FHIR search answered a {bundle.get('resourceType')}, not a Bundle")
             resources += resources_in(bundle)
-            next_url = next((l.get("url") for l in bundle.get("link") or () if isinstance(l, dict) and l.get("relation") == "next"), None)
+            next_url = next_link(bundle)
             if not next_url:
                 return SearchResult(resources, pages, True)
             next_url = urljoin(self.base_url, next_url)

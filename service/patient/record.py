@@ -147,12 +147,12 @@ class PatientRecord:
         high = next((r["high"] for r in resource.get("referenceRange") or () if isinstance(r, dict) and r.get("high")), None) or {}
         high_unit = high.get("code") if high.get("code") and high.get("system") in (None, UCUM) else high.get("unit")
         return Reading(
-            value=float(quantity["value"]) if "value" in quantity else None,
+            value=_number(quantity.get("value")),
             comparator=quantity.get("comparator"),
             unit=unit,
             unit_text=text or code,
             data_absent=_coded_text(absent) if absent else None,
-            reference_high=float(high["value"]) if "value" in high else None,
+            reference_high=_number(high.get("value")),
             reference_high_unit=high_unit,
         )
 
@@ -187,6 +187,11 @@ class PatientRecord:
             "observations": len({id(e) for entries in self._observations.values() for e in entries}),
             "conditions": len({id(e) for entries in self._conditions.values() for e in entries}),
         }
+
+
+def _number(value: object) -> float | None:
+    """A JSON number, or None for null, text or booleans (which pass FHIR validation as decimals)."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _status(concept: object, system: str) -> str | None:

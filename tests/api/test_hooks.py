@@ -267,3 +267,14 @@ def test_resources_about_another_patient_are_not_used(client):
     codes = [c["source"]["topic"]["code"] for c in client.post(URL, json=request).json["cards"]]
     # Without this patient's ESRD diagnosis there is no kidney failure: the risk card must not appear.
     assert "calciphylaxis-risk" not in codes
+
+
+@responses.activate
+def test_a_patient_id_cannot_add_search_parameters_to_fhir_queries(app):
+    server = FakeFhirServer(responses.mock, scenario("no-data-patient.json").resources)
+    request = request_without_prefetch("no-data-patient.json")
+    request["context"]["patientId"] = "p1&patient=p2"
+    assert app.test_client().post(URL, json=request).status_code == 200
+    searches = [c.url for c in server.calls if "?" in c.url]
+    assert searches and all("patient=p1%26patient%3Dp2&" in url for url in searches)
+    assert any(c.url.endswith("/Patient/p1%26patient%3Dp2") for c in server.calls)
