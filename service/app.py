@@ -132,6 +132,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     _register_error_handlers(app)
 
     _instrument(app)
+    if app.config.get("NOW"):
+        log.warning("evaluation clock pinned by CDS_NOW: test environments only", extra={"event": "clock_pinned", "now": app.config["NOW"]})
     if ext.auth_disabled:
         log.warning("CDS client authentication is DISABLED (CDS_AUTH=disabled): local demos only", extra={"event": "auth_disabled"})
 

@@ -36,7 +36,11 @@ def readyz() -> Response:
 def status() -> Response:
     """Which rule set is serving, whether the last reload failed, and whether auth is on."""
     ext = current_app.extensions["calcinosis"]
-    return json_response({"rules": ext.rules.status(), "auth": "disabled" if ext.auth_disabled else "enabled"})
+    return json_response({
+        "rules": ext.rules.status(),
+        "auth": "disabled" if ext.auth_disabled else "enabled",
+        "clock": "pinned to " + current_app.config["NOW"] if current_app.config.get("NOW") else "real",
+    })
 
 
 @bp.get("/metrics")

@@ -202,7 +202,14 @@ class _Loader:
         if file is None or not self.check_schema(file, file.data, schema.SETTINGS):
             return None
         data = file.data
-        return Settings(data["topic_system"], data["source_label"], data.get("disclaimer", ""), data.get("documentation_url"))
+        url = data.get("documentation_url")
+        if url:
+            try:
+                url.format(rule_id="x")
+            except (KeyError, IndexError, ValueError):
+                self.error(file, ("documentation_url",), "the only placeholder allowed is {rule_id}")
+                return None
+        return Settings(data["topic_system"], data["source_label"], data.get("disclaimer", ""), url)
 
     def load_valueset(self, path: Path) -> None:
         file = self.open(path)

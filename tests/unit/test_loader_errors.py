@@ -562,3 +562,19 @@ def test_engine_modules_themselves_never_import_flask_or_requests():
 
 def test_importing_the_engine_does_not_load_flask_or_requests():
     assert web_modules_after("import service.engine.evaluate") == []
+
+
+def test_documentation_url_with_an_unknown_placeholder_is_an_error(tmp_path):
+    import shutil
+
+    from service.engine.loader import RuleSetError, load_ruleset
+    from tests.conftest import RULES
+
+    rules = tmp_path / "rules"
+    shutil.copytree(RULES, rules)
+    settings = rules / "settings.yaml"
+    settings.write_text(settings.read_text() + "documentation_url: https://example.org/rules/{rule}\n")
+    with pytest.raises(RuleSetError) as raised:
+        load_ruleset(rules)
+    (error,) = raised.value.errors
+    assert error.field == "documentation_url" and "{rule_id}" in error.message
