@@ -28,6 +28,10 @@ def pre_fork(server, worker):
     """Pick up edited rules in the master, so new workers start from the last good set."""
     app = server.app.wsgi()
     app.extensions["calcinosis"].rules.refresh()
+    # Workers inherit a frozen heap: collections walk only what a request allocates.
+    from service.app import freeze_long_lived_objects
+
+    freeze_long_lived_objects()
 
 
 def child_exit(server, worker):

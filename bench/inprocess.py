@@ -78,6 +78,10 @@ def make_app(tmp: Path):
         "RULES_POLL_SECONDS": 0,
         "DATABASE_URL": f"sqlite:///{tmp / 'bench.db'}",
     })
+    # As gunicorn.conf.py does in the master before forking workers.
+    from service.app import freeze_long_lived_objects
+
+    freeze_long_lived_objects()
     return app
 
 

@@ -5,13 +5,16 @@ card says comes from the rule engine, never from here.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import time
 
+import msgspec
 import orjson
 from flask import Blueprint, Response, current_app, request
 
 from service.errors import BadRequest, NotFound
+from service.patient.lazy import decode_hook_body
 
 from . import hooks
 from .feedback import FeedbackError, parse_feedback
@@ -26,15 +29,31 @@ def json_response(body: object, status: int = 200, headers: dict | None = None) 
     return Response(orjson.dumps(body), status=status, headers=headers, mimetype="application/json")
 
 
-def read_json() -> object:
-    """Parse the request body, or raise BadRequest saying why it is not JSON."""
+def read_json(*, lazy_prefetch: bool = False) -> object:
+    """Parse the request body, or raise BadRequest saying why it is not JSON.
+
+    With `lazy_prefetch`, prefetch Bundle entries stay raw JSON until a rule reads them
+    (service.patient.lazy): the cost of a large chart is then mostly bytes, not objects.
+    """
     data = request.get_data(cache=False)
     if not data:
         raise BadRequest("the request body is empty; expected a JSON object", code="malformed_json")
+    if lazy_prefetch:
+        try:
+            return decode_hook_body(data)
+        except msgspec.DecodeError as exc:
+            raise BadRequest(f"the request body is not valid JSON: {exc}", code="malformed_json") from None
+    # Parsed JSON cannot hold reference cycles, so collections triggered by its tens of
+    # thousands of allocations would find nothing: pause the collector while parsing.
+    enabled = gc.isenabled()
+    gc.disable()
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}", code="malformed_json") from None
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def service_or_404(service_id: str):
@@ -70,7 +89,7 @@ def invoke(service_id: str) -> Response:
     service = service_or_404(service_id)
     ext = current_app.extensions["calcinosis"]
     ext.authenticate(request, service_id)
-    outcome = hooks.answer(service, read_json(), ext)
+    outcome = hooks.answer(service, read_json(lazy_prefetch=True), ext)
     headers = {"X-Calcinosis-Rules": ext.rules.current.fingerprint}
     if outcome.skipped_resources:
         headers["X-Calcinosis-Skipped-Resources"] = str(outcome.skipped_resources)

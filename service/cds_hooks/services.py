@@ -6,6 +6,7 @@ from what the loaded rules read, so there is no second list to keep in step.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from service.engine.model import RuleSet
 
@@ -39,6 +40,7 @@ SERVICES = {
 PATIENT_TOKEN = "{{context.patientId}}"
 
 
+@lru_cache(maxsize=8)
 def prefetch_templates(ruleset: RuleSet, max_count: int = 100) -> dict[str, str]:
     """Derive the prefetch templates from the value sets the loaded rules read.
 

@@ -187,7 +187,7 @@ class Settings:
     documentation_url: str | None  # with {rule_id}; None = served by this service at /rules/{rule_id}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity: one loaded set is one value (and hashable for caches)
 class RuleSet:
     rules: tuple[Rule, ...]
     facts: dict[str, Fact]

@@ -46,7 +46,8 @@ class ObservationEntry:
     system: str
     code: str
     display: str | None
-    load: Callable[[], Reading] = field(repr=False)
+    source: object = field(repr=False)  # what `load` reads (the raw resource)
+    load: Callable[[object, str], Reading] = field(repr=False)  # shared by all entries of a record
     _reading: object = field(default=_UNLOADED, repr=False)
 
     @property
@@ -57,7 +58,7 @@ class ObservationEntry:
         """Return the validated reading; raises InvalidResource (and remembers it)."""
         if self._reading is _UNLOADED:
             try:
-                self._reading = self.load()
+                self._reading = self.load(self.source, self.resource_id)
             except InvalidResource as exc:
                 self._reading = exc
         if isinstance(self._reading, InvalidResource):
@@ -74,7 +75,8 @@ class ConditionEntry:
     code: str
     display: str | None
     recorded: datetime | None
-    validate: Callable[[], None] = field(repr=False)
+    source: object = field(repr=False)
+    validate: Callable[[object, str], None] = field(repr=False)
     _error: object = field(default=_UNLOADED, repr=False)
 
     @property
@@ -85,7 +87,7 @@ class ConditionEntry:
         """Raise InvalidResource if the resource is not valid FHIR R4 (checked once)."""
         if self._error is _UNLOADED:
             try:
-                self.validate()
+                self.validate(self.source, self.resource_id)
                 self._error = None
             except InvalidResource as exc:
                 self._error = exc

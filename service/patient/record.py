@@ -14,7 +14,10 @@ from typing import Iterable
 from service.engine.record import ConditionEntry, InvalidResource, ObservationEntry, PatientInfo, Reading
 from service.engine.valuesets import CodeIndex
 
+import msgspec
+
 from .dates import parse_date, parse_datetime
+from .lazy import Coding, Concept, Head, RawResource
 from .validation import validation_error
 
 log = logging.getLogger(__name__)
@@ -39,89 +42,109 @@ class PatientRecord:
         self._seen: set[tuple[str, str]] = set()
         self._sorted: set[str] = set()
         self._anonymous = 0
+        self._match_cache: dict[tuple, frozenset[str]] = {}
+        # One bound method each, shared by every entry (no closure per resource).
+        self._load_reading = self._reading
+        self._validate_condition = lambda resource, rid: self._validate(resource, "Condition", rid)
 
     # --- building ----------------------------------------------------------------------------
 
     def add_all(self, resources: Iterable[object]) -> None:
-        """Add resources (not bundles) from prefetch or the FHIR server."""
+        """Add resources (not bundles) from prefetch or the FHIR server: dicts or raw JSON."""
         for resource in resources:
-            if isinstance(resource, dict):
+            if isinstance(resource, (dict, RawResource)):
                 self.add(resource)
 
-    def add(self, resource: dict) -> None:
+    def add(self, resource: dict | RawResource) -> None:
         """Index one resource if a rule can use it; skip other types."""
-        kind = resource.get("resourceType")
+        try:
+            head = resource.head() if isinstance(resource, RawResource) else msgspec.convert(resource, Head)
+        except msgspec.MsgspecError:
+            self._unreadable(resource)
+            return
+        kind = head.resourceType
         if kind not in ("Observation", "Condition", "Patient"):
             return
-        rid = resource.get("id")
-        if not isinstance(rid, str) or not rid:
+        rid = head.id
+        if not rid:
             self._anonymous += 1
             rid = f"(no id #{self._anonymous})"
         if (kind, rid) in self._seen:  # the same resource from two keys or pages
             return
         self._seen.add((kind, rid))
-        try:
-            if kind == "Patient":
-                self._add_patient(resource, rid)
-            elif self._belongs_to_patient(resource):
-                (self._add_observation if kind == "Observation" else self._add_condition)(resource, rid)
-        except (AttributeError, TypeError, ValueError, KeyError):
-            # The shape is too broken to even read its code: report it like any invalid resource.
-            self._invalid(kind, rid, validation_error(resource) or "unreadable structure")
+        if kind == "Patient":
+            self._add_patient(resource, rid)
+        elif self._belongs_to_patient(head):
+            (self._add_observation if kind == "Observation" else self._add_condition)(head, resource, rid)
 
-    def _belongs_to_patient(self, resource: dict) -> bool:
-        reference = (resource.get("subject") or {}).get("reference")
-        if not self.patient_id or not isinstance(reference, str) or "Patient/" not in reference:
+    def _unreadable(self, resource: dict | RawResource) -> None:
+        """A resource whose code, dates or statuses have the wrong JSON types: invalid, reported."""
+        full = resource.decode() if isinstance(resource, RawResource) else resource
+        kind = full.get("resourceType") if isinstance(full, dict) else None
+        if kind in ("Observation", "Condition", "Patient"):
+            rid = full.get("id") if isinstance(full.get("id"), str) else "(no id)"
+            self._invalid(kind, rid, validation_error(full) or "unreadable structure")
+
+    def _belongs_to_patient(self, head: Head) -> bool:
+        reference = head.subject.reference if head.subject else None
+        if not self.patient_id or not reference or "Patient/" not in reference:
             return True
         if reference.rsplit("Patient/", 1)[1].split("/")[0] == self.patient_id:
             return True
         self.other_patient += 1
         return False
 
-    def _matches(self, resource: dict) -> list[tuple[dict, frozenset[str]]]:
-        codings = (resource.get("code") or {}).get("coding") or []
-        return [(c, ids) for c in codings if (ids := self.code_index.match(c.get("system"), c.get("code")))]
+    def _matches(self, head: Head) -> list[tuple[Coding, frozenset[str]]]:
+        found = []
+        for coding in head.code.coding if head.code else ():
+            key = (coding.system, coding.code)
+            ids = self._match_cache.get(key)
+            if ids is None:  # a chart repeats a few dozen codes thousands of times
+                ids = self._match_cache[key] = self.code_index.match(*key)
+            if ids:
+                found.append((coding, ids))
+        return found
 
-    def _add_observation(self, resource: dict, rid: str) -> None:
-        matches = self._matches(resource)
+    def _add_observation(self, head: Head, source: dict | RawResource, rid: str) -> None:
+        matches = self._matches(head)
         if not matches:
             return
         coding = matches[0][0]
         effective = parse_datetime(
-            resource.get("effectiveDateTime")
-            or (resource.get("effectivePeriod") or {}).get("start")
-            or resource.get("effectiveInstant")
-            or resource.get("issued")
+            head.effectiveDateTime
+            or (head.effectivePeriod.start if head.effectivePeriod else None)
+            or head.effectiveInstant
+            or head.issued
         )
         entry = ObservationEntry(
-            rid, resource.get("status"), effective, coding["system"], str(coding["code"]), coding.get("display"),
-            load=lambda: self._reading(resource, rid),
+            rid, head.status, effective, coding.system, coding.code, coding.display,
+            source=source, load=self._load_reading,
         )
         for vs_id in frozenset().union(*(ids for _, ids in matches)):
             self._observations[vs_id].append(entry)
             self._sorted.discard(vs_id)
 
-    def _add_condition(self, resource: dict, rid: str) -> None:
-        matches = self._matches(resource)
+    def _add_condition(self, head: Head, source: dict | RawResource, rid: str) -> None:
+        matches = self._matches(head)
         if not matches:
             return
         coding = matches[0][0]
         entry = ConditionEntry(
             rid,
-            _status(resource.get("clinicalStatus"), CLINICAL),
-            _status(resource.get("verificationStatus"), VERIFICATION),
-            coding["system"], str(coding["code"]), coding.get("display") or (resource.get("code") or {}).get("text"),
-            parse_datetime(resource.get("recordedDate") or resource.get("onsetDateTime")),
-            validate=lambda: self._validate(resource, "Condition", rid),
+            _status(head.clinicalStatus, CLINICAL),
+            _status(head.verificationStatus, VERIFICATION),
+            coding.system, coding.code, coding.display or (head.code.text if head.code else None),
+            parse_datetime(head.recordedDate or head.onsetDateTime),
+            source=source, validate=self._validate_condition,
         )
         for vs_id in frozenset().union(*(ids for _, ids in matches)):
             self._conditions[vs_id].append(entry)
 
-    def _add_patient(self, resource: dict, rid: str) -> None:
+    def _add_patient(self, resource: dict | RawResource, rid: str) -> None:
         if self.patient_id and rid != self.patient_id:
             self.other_patient += 1
             return
-        self._patient_raw = resource
+        self._patient_raw = resource.decode() if isinstance(resource, RawResource) else resource
 
     # --- validation, lazily -------------------------------------------------------------------
 
@@ -132,13 +155,15 @@ class PatientRecord:
             log.warning("invalid FHIR resource skipped", extra={"event": "invalid_resource", "resource": key, "problem": problem, **self._log_context})
         return InvalidResource(kind, rid, problem)
 
-    def _validate(self, resource: dict, kind: str, rid: str) -> None:
+    def _validate(self, source: dict | RawResource, kind: str, rid: str) -> dict:
+        resource = source.decode() if isinstance(source, RawResource) else source
         problem = validation_error(resource)
         if problem:
             raise self._invalid(kind, rid, problem)
+        return resource
 
-    def _reading(self, resource: dict, rid: str) -> Reading:
-        self._validate(resource, "Observation", rid)
+    def _reading(self, source: dict | RawResource, rid: str) -> Reading:
+        resource = self._validate(source, "Observation", rid)
         quantity = resource.get("valueQuantity") or {}
         code, text = quantity.get("code"), quantity.get("unit")
         # Trust `code` as a unit only when it is UCUM (or unlabelled); a local code system's codes are not units.
@@ -194,12 +219,11 @@ def _number(value: object) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def _status(concept: object, system: str) -> str | None:
-    if not isinstance(concept, dict):
+def _status(concept: Concept | None, system: str) -> str | None:
+    if concept is None:
         return None
-    codings = concept.get("coding") or []
-    preferred = [c for c in codings if c.get("system") == system] or codings
-    return preferred[0].get("code") if preferred else None
+    preferred = [c for c in concept.coding if c.system == system] or concept.coding
+    return preferred[0].code if preferred else None
 
 
 def _coded_text(concept: object) -> str:
@@ -209,16 +233,20 @@ def _coded_text(concept: object) -> str:
     return "unknown"
 
 
-def resources_in(value: object) -> list[dict]:
-    """The resources in a prefetch value: a Bundle's entries, or the resource itself."""
+def resources_in(value: object) -> list[dict | RawResource]:
+    """The resources in a prefetch value: a Bundle's entries (dicts or raw JSON), or the resource itself.
+
+    Search bundles may also carry OperationOutcomes as entries (search.mode "outcome"):
+    the record ignores every type it does not index.
+    """
     if not isinstance(value, dict):
         return []
     if value.get("resourceType") == "Bundle":
-        out = []
-        for entry in value.get("entry") or ():
-            resource = entry.get("resource") if isinstance(entry, dict) else None
-            # Search bundles may carry OperationOutcomes as entries (search.mode "outcome"): not patient data.
-            if isinstance(resource, dict) and resource.get("resourceType") != "OperationOutcome":
-                out.append(resource)
-        return out
+        entries = value.get("entry")
+        if not isinstance(entries, list):
+            return []
+        return [
+            entry["resource"] for entry in entries
+            if isinstance(entry, dict) and isinstance(entry.get("resource"), (dict, RawResource))
+        ]
     return [value]

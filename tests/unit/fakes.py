@@ -66,13 +66,13 @@ def observation(
     )
     loads: list[int] = []
 
-    def load() -> Reading:
+    def load(source: object, resource_id: str) -> Reading:
         loads.append(1)
         if invalid is not None:
             raise InvalidResource("Observation", rid, invalid)
         return reading
 
-    entry = ObservationEntry(rid, status, at, system, code, display, load=load)
+    entry = ObservationEntry(rid, status, at, system, code, display, source=None, load=load)
     entry.load_count = loads  # type: ignore[attr-defined]  # how many times the resource was "validated"
     return entry
 
@@ -90,11 +90,11 @@ def condition(
 ) -> ConditionEntry:
     rid = rid or f"cond-{next(_ids)}"
 
-    def validate() -> None:
+    def validate(source: object, resource_id: str) -> None:
         if invalid is not None:
             raise InvalidResource("Condition", rid, invalid)
 
-    return ConditionEntry(rid, clinical, verification, system, code, display, recorded or days_ago(365), validate=validate)
+    return ConditionEntry(rid, clinical, verification, system, code, display, recorded or days_ago(365), source=None, validate=validate)
 
 
 def patient(birth_date: date | None = None, gender: str | None = None, rid: str = "pat-1") -> PatientInfo:
