@@ -278,3 +278,22 @@ def test_a_patient_id_cannot_add_search_parameters_to_fhir_queries(app):
     searches = [c.url for c in server.calls if "?" in c.url]
     assert searches and all("patient=p1%26patient%3Dp2&" in url for url in searches)
     assert any(c.url.endswith("/Patient/p1%26patient%3Dp2") for c in server.calls)
+
+
+def test_malformed_json_deep_inside_a_prefetch_entry_is_still_400(client):
+    body = orjson.dumps(request_with_prefetch("esrd-dialysis-high-product.json")).decode()
+    broken = body.replace('"status":"final"', '"status":"final",,', 1)
+    assert broken != body
+    response = client.post(URL, data=broken, content_type="application/json")
+    assert response.status_code == 400 and response.json["error"]["code"] == "malformed_json"
+
+
+def test_a_resource_with_wrongly_typed_indexed_fields_is_skipped_and_counted(client):
+    request = request_with_prefetch("esrd-dialysis-high-product.json")
+    request["prefetch"]["observations"]["entry"].append(
+        {"resource": {"resourceType": "Observation", "id": "odd", "status": "final", "code": "17861-6", "effectiveDateTime": 20261031}}
+    )
+    response = client.post(URL, json=request)
+    assert response.status_code == 200
+    assert response.headers["X-Calcinosis-Skipped-Resources"] == "1"
+    assert [c["source"]["topic"]["code"] for c in response.json["cards"]] == ["calciphylaxis-risk"]
