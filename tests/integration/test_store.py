@@ -1,9 +1,15 @@
-"""The feedback store against a real SQLite file."""
+"""The feedback store against a real SQLite file, and against PostgreSQL when one is given.
+
+PostgreSQL runs when CDS_TEST_POSTGRES_URL names a database the tests may empty, e.g.
+    CDS_TEST_POSTGRES_URL=postgresql://cds:cds@127.0.0.1/cds make test
+Tests that inspect the SQLite file itself (they ask for `db_path`) run on SQLite only.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import multiprocessing
+import os
 import re
 import sqlite3
 import threading
@@ -39,9 +45,31 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "state" / "nested" / "feedback.db"
 
 
+POSTGRES_URL = os.environ.get("CDS_TEST_POSTGRES_URL")
+BACKENDS = [
+    "sqlite",
+    pytest.param("postgres", marks=pytest.mark.skipif(not POSTGRES_URL, reason="set CDS_TEST_POSTGRES_URL")),
+]
+
+
+@pytest.fixture(params=BACKENDS)
+def store_url(request, tmp_path: Path) -> str:
+    """A fresh, empty store's URL on each backend."""
+    if request.param == "sqlite":
+        return url_for(request.getfixturevalue("db_path"))
+    if "db_path" in request.fixturenames:
+        pytest.skip("inspects the SQLite file itself")
+    import psycopg
+
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        for table in ("feedback", "issued_cards", "seen_jti", "schema_version"):
+            conn.execute(f"DROP TABLE IF EXISTS {table}")
+    return POSTGRES_URL
+
+
 @pytest.fixture
-def store(db_path: Path):
-    opened = Store.from_url(url_for(db_path))
+def store(store_url: str):
+    opened = Store.from_url(store_url)
     yield opened
     opened.close()
 
@@ -119,14 +147,14 @@ def test_no_patient_data_columns_exist(db_path, store):
     assert b"Mrs Smith" not in raw and b"MRN 1234" not in raw
 
 
-def test_rows_survive_closing_and_reopening_the_store(db_path):
-    first = Store.from_url(url_for(db_path))
+def test_rows_survive_closing_and_reopening_the_store(store_url):
+    first = Store.from_url(store_url)
     issue(first, "r1", "card-a")
     first.add_feedback(SERVICE, [accepted("card-a")], NOW)
     assert first.check_and_store_jti("issuer", "jti-1", time.time() + 300)
     first.close()
 
-    second = Store.from_url(url_for(db_path))
+    second = Store.from_url(store_url)
     try:
         [row] = second.report()
         assert (row.rule_id, row.cards_issued, row.accepted) == ("r1", 1, 1)
@@ -186,8 +214,8 @@ def _process_writer(url: str, worker: int, count: int, start) -> None:
         store.close()
 
 
-def test_three_processes_writing_concurrently_lose_nothing(db_path, store):
-    url = url_for(db_path)
+def test_three_processes_writing_concurrently_lose_nothing(store_url, store):
+    url = store_url
     context = multiprocessing.get_context("spawn")
     start = context.Barrier(3)
     processes = [
@@ -223,8 +251,8 @@ def test_a_jti_is_accepted_once_and_a_replay_is_refused(store):
     assert store.check_and_store_jti("https://other.example", "abc", expires) is True
 
 
-def test_a_replay_is_refused_across_two_stores_on_the_same_file(db_path, store):
-    other = Store.from_url(url_for(db_path))
+def test_a_replay_is_refused_across_two_stores_on_the_same_database(store_url, store):
+    other = Store.from_url(store_url)
     try:
         assert store.check_and_store_jti("iss", "shared", time.time() + 300)
         assert not other.check_and_store_jti("iss", "shared", time.time() + 300)
