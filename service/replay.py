@@ -307,7 +307,7 @@ def screen_chunk(cases: list, now: datetime | None, fallback: datetime, ruleset=
         computed = result.evaluation.evaluator.computed()
         values: dict[str, str] = {}
         for finding in result.evaluation.fired:
-            for name in finding.rule.evidence_facts:
+            for name in finding.rule.facts_read:
                 if name in computed and name not in values:
                     values[name] = computed[name].shown
         flagged.append({"patient": patient, "rules": result.fired, "values": values})
@@ -318,7 +318,7 @@ def value_columns(ruleset) -> list[str]:
     """Every fact some rule lists as evidence, in rule order: the screening file's value columns."""
     columns: list[str] = []
     for rule in ruleset.rules:
-        columns += [name for name in rule.evidence_facts if name not in columns]
+        columns += [name for name in rule.facts_read if name not in columns]
     return columns
 
 

@@ -34,17 +34,20 @@ def render_card(finding: Finding, evaluator: Evaluator, ruleset: RuleSet) -> Car
     summary = card.summary.render(evaluator.lookup, markdown=False)
     if len(summary) > SUMMARY_LIMIT:  # the loader proves this cannot happen; keep the spec promise regardless
         summary = summary[: SUMMARY_LIMIT - 1] + "…"
-    lines = [
-        line.text.render(evaluator.lookup, markdown=True)
-        for line in card.detail
-        if line.when is None or evaluator.test(line.when)[0] is True
-    ]
+    # "Values used" lists what decided the card and what the lines and actions shown read.
+    read = list(rule.evidence_facts)
+    lines = []
+    for line in card.detail:
+        if line.when is None or evaluator.test(line.when)[0] is True:
+            lines.append(line.text.render(evaluator.lookup, markdown=True))
+            read += line.facts
     suggestions = []
     for suggestion in card.suggestions:
         actions = tuple(a for a in suggestion.actions if a.when is None or evaluator.test(a.when)[0] is True)
         if actions:
             suggestions.append(Suggestion(suggestion.label, actions, suggestion.recommended))
-    values = values_used(rule.evidence_facts, evaluator)
+            read += [name for a in actions for name in a.facts]
+    values = values_used(tuple(dict.fromkeys(read)), evaluator)
     if values:
         lines += ["", "**Values used**", ""] + values
     if ruleset.settings.disclaimer:
@@ -64,33 +67,40 @@ def render_card(finding: Finding, evaluator: Evaluator, ruleset: RuleSet) -> Car
 
 
 def values_used(names: tuple[str, ...], evaluator: Evaluator) -> list[str]:
-    """List, as Markdown bullets, each value a rule read: value, unit, date and source resource."""
+    """List, as Markdown bullets, each value a card read: value, unit, date and source resource.
+
+    A result shown once (say, as half of the Ca x P pair) is not listed again; a result
+    above its reference range carries its multiple of the upper limit wherever it is shown.
+    """
+    facts = [fact for name in names if (fact := evaluator.value_of(name)).state != "absent"]
+    above = {fact.evidence[0].reference: _above_limit(fact) for fact in facts if fact.evidence and _above_limit(fact)}
+    shown: set[str] = set()
     lines: list[str] = []
-    for name in names:
-        fact = evaluator.value_of(name)
-        if fact.state == "absent":
+    for fact in facts:
+        if fact.state == "unknown":
+            why = fact.notes[-1] if fact.notes else "the value could not be read"
+            lines.append(f"- {fact.title}: unknown ({_escape(why)})")
             continue
-        lines += _describe(fact)
+        if len(fact.evidence) > 1 and isinstance(fact.value, (int, float)):  # a derived product
+            lines.append(f"- {fact.title}: {fact.shown}, from")
+            lines += [f"  - {_evidence_line(e)}{above.get(e.reference, '')}" for e in fact.evidence]
+        elif not fact.evidence or (fact.evidence[0].sent is None and fact.evidence[0].reference.startswith("Patient/")):
+            lines.append(f"- {fact.title}: {_escape(fact.shown)}")
+        elif fact.evidence[0].reference in shown:
+            continue
+        else:
+            lines += [f"- {_evidence_line(e)}{above.get(e.reference, '')}" for e in fact.evidence]
+        shown.update(e.reference for e in fact.evidence)
     return lines
 
 
-def _describe(fact: FactValue) -> list[str]:
-    if fact.state == "unknown":
-        why = fact.notes[-1] if fact.notes else "the value could not be read"
-        return [f"- {fact.title}: unknown ({_escape(why)})"]
-    if len(fact.evidence) > 1 and isinstance(fact.value, (int, float)):  # a derived product
-        head = f"- {fact.title}: {fact.shown}, from"
-        return [head] + [f"  - {_evidence_line(e)}" for e in fact.evidence]
-    if not fact.evidence:
-        return [f"- {fact.title}: {fact.shown}"]
-    if fact.evidence[0].sent is None and fact.evidence[0].reference.startswith("Patient/"):
-        return [f"- {fact.title}: {_escape(fact.shown)}"]
-    lines = [f"- {_evidence_line(e)}" for e in fact.evidence]
-    uln = fact.attributes.get("uln_multiple")
-    if uln is not None and uln.state == "found" and isinstance(uln.value, (int, float)):
-        limit = fact.attributes["upper_limit"]
-        lines[0] += f"; {format_number(uln.value)} x the upper limit ({format_number(limit.value)} {fact.unit}, {limit.notes[0]})"
-    return lines
+def _above_limit(fact: FactValue) -> str:
+    """'; 6.9 x the upper limit (65 pg/mL, from ...)' for a result above its reference range."""
+    multiple = fact.attributes.get("uln_multiple")
+    if multiple is None or multiple.state != "found" or not isinstance(multiple.value, (int, float)) or multiple.value <= 1:
+        return ""
+    limit = fact.attributes["upper_limit"]
+    return f"; {format_number(multiple.value)} x the upper limit ({format_number(limit.value)} {fact.unit}, {limit.notes[0]})"
 
 
 def _evidence_line(e) -> str:
@@ -125,7 +135,7 @@ def _code(token: str | None) -> str:
 
 
 def _escape(text: str) -> str:
-    return "".join("\\" + c if c in "\\`*_[]<>#|" else c for c in text)
+    return "".join("\\" + c if c in "\\`*_[]<>|" else c for c in text)
 
 
 __all__ = ["CardContent", "render_card", "values_used", "Action", "Link", "Suggestion"]

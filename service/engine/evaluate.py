@@ -19,7 +19,7 @@ from .model import (
 )
 from .record import InvalidResource, ObservationEntry, Reading, Record
 from .templates import WIDTHS, Placeholder, format_number
-from .units import ANALYTES
+from .units import ANALYTES, display_unit
 
 USABLE_OBSERVATION_STATUSES = frozenset({"final", "amended", "corrected"})
 PRESENT_CLINICAL_STATUSES = frozenset({"active", "recurrence", "relapse"})
@@ -289,10 +289,10 @@ class Evaluator:
             return FactValue(spec.name, spec.title, "unknown", unit=spec.unit, date=entry.effective, evidence=[evidence], notes=notes)
         interval = Interval.from_comparator(reading.value, reading.comparator).scaled(factor)
         value = reading.value * factor
-        evidence.value, evidence.unit = value, spec.unit
+        evidence.value, evidence.unit = value, display_unit(spec.unit)
         if reading.comparator:
             notes.append(f"{entry.reference} is a bound ({sent}), not an exact value")
-        fact = FactValue(spec.name, spec.title, "found", value, interval, spec.unit, entry.effective, [evidence], notes)
+        fact = FactValue(spec.name, spec.title, "found", value, interval, display_unit(spec.unit), entry.effective, [evidence], notes)
         fact.attributes = self._upper_limit_attributes(spec, reading, interval)
         return fact
 
@@ -311,7 +311,7 @@ class Evaluator:
             return {"upper_limit": missing, "uln_multiple": missing}
         multiple = interval.scaled(1 / upper)
         return {
-            "upper_limit": FactValue("upper_limit", spec.title, "found", upper, Interval.exact(upper), spec.unit, notes=[note]),
+            "upper_limit": FactValue("upper_limit", spec.title, "found", upper, Interval.exact(upper), display_unit(spec.unit), notes=[note]),
             "uln_multiple": FactValue("uln_multiple", spec.title, "found", multiple.low if math.isfinite(multiple.low) else multiple.high, multiple, "x upper limit", notes=[note]),
         }
 

@@ -429,17 +429,7 @@ class _Loader:
         card = self.build_card(file, doc["card"], rule_id)
         if len(self.errors) > before or when is None or card is None:
             return None
-        evidence: list[str] = []
-        self._expand(facts_in(when), evidence)
-        for line in card.detail:
-            if line.when is not None:
-                self._expand(facts_in(line.when), evidence)
-            self._expand([n for n in line.text.fact_names if n in self.facts], evidence)
-        self._expand([n for n in card.summary.fact_names if n in self.facts], evidence)
-        for suggestion in card.suggestions:
-            for action in suggestion.actions:
-                if action.when is not None:
-                    self._expand(facts_in(action.when), evidence)
+        evidence = self._expanded(facts_in(when) + card.summary.fact_names)
         tests = doc.get("tests", {})
         return Rule(
             id=rule_id,
@@ -454,6 +444,12 @@ class _Loader:
             tests_silent=tuple(tests.get("silent", ())),
             file=file.name,
         )
+
+    def _expanded(self, names: list[str]) -> tuple[str, ...]:
+        """The non-definition facts behind `names`, definitions broken down, in order."""
+        out: list[str] = []
+        self._expand(names, out)
+        return tuple(out)
 
     def _expand(self, names: list[str], out: list[str]) -> None:
         for name in names:
@@ -505,9 +501,9 @@ class _Loader:
                 text = self.template(file, path + ("text",), line["text"], rule)
                 when = self.expr(file, path + ("when",), line["when"], rule)
                 if text and when:
-                    detail.append(DetailLine(text, when))
+                    detail.append(DetailLine(text, when, self._expanded(facts_in(when) + text.fact_names)))
             elif (text := self.template(file, path, line, rule)) is not None:
-                detail.append(DetailLine(text))
+                detail.append(DetailLine(text, None, self._expanded(text.fact_names)))
         suggestions = tuple(self.suggestion(file, ("card", "suggestions", i), s, rule) for i, s in enumerate(card.get("suggestions", ())))
         source = card.get("source", {})
         links = tuple(Link(l["label"], l["url"], l.get("type", "absolute")) for l in card.get("links", ()))
@@ -536,7 +532,8 @@ class _Loader:
                 when = self.expr(file, where + ("when",), action["when"], rule)
                 if when is None:
                     return None
-            actions.append(Action(action["type"], action["description"], resource, action.get("resource_id"), when))
+            facts = self._expanded(facts_in(when)) if when is not None else ()
+            actions.append(Action(action["type"], action["description"], resource, action.get("resource_id"), when, facts))
         return Suggestion(data["label"], tuple(actions), data.get("recommended", False))
 
     def check_resource(self, resource: dict) -> str | None:

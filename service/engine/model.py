@@ -127,6 +127,7 @@ def facts_in(expr: Expr) -> list[str]:
 class DetailLine:
     text: Template
     when: Expr | None = None
+    facts: tuple[str, ...] = ()  # what the line reads or shows: listed under "Values used" when it renders
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,7 @@ class Action:
     resource: dict | None = None
     resource_id: str | None = None
     when: "Expr | None" = None  # proposed only when this holds (e.g. order only the missing labs)
+    facts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -173,10 +175,18 @@ class Rule:
     when: Expr
     card: CardSpec
     suppresses: tuple[str, ...]
-    evidence_facts: tuple[str, ...]  # facts whose values the card lists as "values used"
+    evidence_facts: tuple[str, ...]  # facts that decide the rule (its `when`) or its summary
     tests_fire: tuple[str, ...]
     tests_silent: tuple[str, ...]
     file: str
+
+    @property
+    def facts_read(self) -> tuple[str, ...]:
+        """Every fact the rule or any part of its card may read (population screening's columns)."""
+        names = list(self.evidence_facts)
+        names += [n for line in self.card.detail for n in line.facts]
+        names += [n for s in self.card.suggestions for a in s.actions for n in a.facts]
+        return tuple(dict.fromkeys(names))
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ WIDTHS = {
     "uln_multiple": 9,
 }
 _FORMAT = re.compile(r"^\.[0-3]f$")
-_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]<>()#+!|~])")
+# Characters that would change how patient-sourced text renders (emphasis, links, HTML, tables).
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|])")
 
 
 class TemplateError(ValueError):
