@@ -19,17 +19,25 @@ def _rules_dir(args) -> str:
     return args.rules or from_environment()["RULES_DIR"]
 
 
-def _load(args):
+def load_rules(rules_dir: str):
+    """Load a rule set for a command, or print every error to stderr and return None."""
     from service.engine.loader import RuleSetError, load_ruleset
     from service.patient.validation import validation_error
 
     try:
-        return load_ruleset(_rules_dir(args), validate_resource=validation_error)
+        return load_ruleset(rules_dir, validate_resource=validation_error)
     except RuleSetError as exc:
-        print(f"{len(exc.errors)} error(s) in {_rules_dir(args)}:", file=sys.stderr)
+        print(f"{len(exc.errors)} error(s) in {rules_dir}:", file=sys.stderr)
         for error in exc.errors:
             print(f"  {error}", file=sys.stderr)
-        raise SystemExit(1) from None
+        return None
+
+
+def _load(args):
+    ruleset = load_rules(_rules_dir(args))
+    if ruleset is None:
+        raise SystemExit(1)
+    return ruleset
 
 
 def _when(text: str | None) -> datetime | None:
@@ -130,8 +138,6 @@ def _shown(value: object) -> str:
 
 def explain_text(result) -> str:
     """Say, for each rule, whether it fired and why; then every value the rules read."""
-    from service.engine.templates import format_number
-
     evaluation, case = result.evaluation, result.case
     evaluator = evaluation.evaluator
     lines = [f"{case.name}: patient {case.patient_id or '(unknown)'}, evaluated at {evaluator.now.isoformat()}", ""]
@@ -148,8 +154,7 @@ def explain_text(result) -> str:
         for e in fact.evidence:
             date = e.date.isoformat() if e.date else "no date"
             if e.sent is not None:
-                normalised = f"{e.comparator or ''}{format_number(e.value)} {e.unit}" if e.value is not None else "unknown"
-                lines.append(f"    {e.reference}: sent {e.sent}, normalised {normalised}, {date}")
+                lines.append(f"    {e.reference}: sent {e.sent}, normalised {e.normalised or 'unknown'}, {date}")
             elif e.reference.startswith("Patient/"):
                 lines.append(f"    {e.reference}")
             else:

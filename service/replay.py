@@ -498,20 +498,8 @@ def _check_arguments(p: argparse.ArgumentParser, args) -> None:
         p.error("--workers must be at least 1")
 
 
-def _load_rules(rules_dir: str):
-    from service.engine.loader import RuleSetError, load_ruleset
-    from service.patient.validation import validation_error
-
-    try:
-        return load_ruleset(rules_dir, validate_resource=validation_error)
-    except RuleSetError as exc:
-        print(f"{len(exc.errors)} error(s) in {rules_dir}:", file=sys.stderr)
-        for error in exc.errors:
-            print(f"  {error}", file=sys.stderr)
-        return None
-
-
 def main(argv: list[str] | None = None) -> int:
+    from service.cli import load_rules
     from service.config import from_environment
     from service.harness import InputError, load_cases
 
@@ -523,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     rules_dir = args.rules or from_environment()["RULES_DIR"]
     ruleset = None
     if not args.url or args.expect:
-        ruleset = _load_rules(rules_dir)
+        ruleset = load_rules(rules_dir)
         if ruleset is None:
             return 1
 

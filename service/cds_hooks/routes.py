@@ -5,7 +5,6 @@ card says comes from the rule engine, never from here.
 """
 from __future__ import annotations
 
-import gc
 import logging
 import time
 
@@ -43,17 +42,10 @@ def read_json(*, lazy_prefetch: bool = False) -> object:
             return decode_hook_body(data)
         except msgspec.DecodeError as exc:
             raise BadRequest(f"the request body is not valid JSON: {exc}", code="malformed_json") from None
-    # Parsed JSON cannot hold reference cycles, so collections triggered by its tens of
-    # thousands of allocations would find nothing: pause the collector while parsing.
-    enabled = gc.isenabled()
-    gc.disable()
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}", code="malformed_json") from None
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def service_or_404(service_id: str):

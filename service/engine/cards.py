@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from .evaluate import Evaluator, FactValue, Finding
 from .model import Action, Link, RuleSet, Suggestion
-from .templates import format_number
+from .templates import escape_markdown, format_number
 
 SUMMARY_LIMIT = 139  # CDS Hooks: "<140-character summary"
 
@@ -79,13 +79,13 @@ def values_used(names: tuple[str, ...], evaluator: Evaluator) -> list[str]:
     for fact in facts:
         if fact.state == "unknown":
             why = fact.notes[-1] if fact.notes else "the value could not be read"
-            lines.append(f"- {fact.title}: unknown ({_escape(why)})")
+            lines.append(f"- {fact.title}: unknown ({escape_markdown(why)})")
             continue
         if len(fact.evidence) > 1 and isinstance(fact.value, (int, float)):  # a derived product
             lines.append(f"- {fact.title}: {fact.shown}, from")
             lines += [f"  - {_evidence_line(e)}{above.get(e.reference, '')}" for e in fact.evidence]
         elif not fact.evidence or (fact.evidence[0].sent is None and fact.evidence[0].reference.startswith("Patient/")):
-            lines.append(f"- {fact.title}: {_escape(fact.shown)}")
+            lines.append(f"- {fact.title}: {escape_markdown(fact.shown)}")
         elif fact.evidence[0].reference in shown:
             continue
         else:
@@ -106,9 +106,8 @@ def _above_limit(fact: FactValue) -> str:
 def _evidence_line(e) -> str:
     date = e.date.date().isoformat() if e.date else "date not recorded"
     if e.sent is None:  # a Condition
-        return f"{e.title}: {_escape(e.display or '')} ({_code(e.code)}), recorded {date}, {e.reference}"
-    normalised = f"{e.comparator or ''}{format_number(e.value)} {e.unit}" if e.value is not None else "unit not understood"
-    return f"{e.title}: {normalised} on {date} (sent as {_escape(e.sent)}; {e.reference})"
+        return f"{e.title}: {escape_markdown(e.display or '')} ({_code(e.code)}), recorded {date}, {e.reference}"
+    return f"{e.title}: {e.normalised or 'unit not understood'} on {date} (sent as {escape_markdown(e.sent)}; {e.reference})"
 
 
 def _markdown(lines: list[str]) -> str:
@@ -133,9 +132,6 @@ def _code(token: str | None) -> str:
     system, _, code = (token or "").rpartition("|")
     return f"{_SYSTEMS.get(system, system)} {code}".strip()
 
-
-def _escape(text: str) -> str:
-    return "".join("\\" + c if c in "\\`*_[]<>|" else c for c in text)
 
 
 __all__ = ["CardContent", "render_card", "values_used", "Action", "Link", "Suggestion"]

@@ -38,6 +38,11 @@ class Evidence:
     sent: str | None = None  # value and unit exactly as the lab sent them
     value: float | None = None  # normalised
     comparator: str | None = None  # "<", ">"...: the value is a bound
+
+    @property
+    def normalised(self) -> str | None:
+        """The value in the rule's unit, keeping a bound's sign ('>60 mL/min/1.73 m²'); None if not understood."""
+        return None if self.value is None else f"{self.comparator or ''}{format_number(self.value)} {self.unit}"
     unit: str | None = None
     code: str | None = None
     display: str | None = None

@@ -28,6 +28,11 @@ _FORMAT = re.compile(r"^\.[0-3]f$")
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|])")
 
 
+def escape_markdown(text: str) -> str:
+    """Keep patient-sourced text from turning into emphasis, links, HTML or table cells."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", text)
+
+
 class TemplateError(ValueError):
     """A placeholder a rule author wrote that the engine cannot render."""
 
@@ -102,7 +107,7 @@ class Template:
                 continue
             value = lookup(part)
             text = value if part.absent_of else format_value(value, part)
-            out.append(_MARKDOWN_SPECIAL.sub(r"\\\1", text) if markdown and part.attribute in ("display", "sent", "unit", "code") else text)
+            out.append(escape_markdown(text) if markdown and part.attribute in ("display", "sent", "unit", "code") else text)
         return "".join(out)
 
 

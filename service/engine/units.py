@@ -76,7 +76,3 @@ def display_unit(unit: str) -> str:
     """A unit the way a card shows it: mL/min/{1.73_m2} reads as mL/min/1.73 m²."""
     return _DISPLAY.get(unit, unit)
 
-
-def units_of(analyte: str) -> list[str]:
-    """List the unit spellings the engine understands for an analyte (for messages)."""
-    return ANALYTES[analyte].spellings

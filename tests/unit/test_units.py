@@ -5,7 +5,7 @@ import pytest
 
 from fakes import NOW, FakeRecord, days_ago, load, observation, rule_doc
 from service.engine.evaluate import Evaluator
-from service.engine.units import ANALYTES, units_of
+from service.engine.units import ANALYTES
 
 
 def convert(analyte: str, value: float, source: str | None, target: str) -> float | None:
@@ -83,9 +83,9 @@ def test_unit_of_one_analyte_is_not_accepted_for_another():
     assert convert("phosphate", 9.0, "g/L", "mg/dL") is None
 
 
-def test_units_of_lists_the_spellings_the_engine_understands():
-    assert {u.lower() for u in units_of("pth")} == {"ng/l", "pg/ml", "pmol/l"}
-    assert "mmol/l" in {u.lower() for u in units_of("calcium")}
+def test_spellings_list_the_units_the_engine_understands():
+    assert {u.lower() for u in ANALYTES["pth"].spellings} == {"ng/l", "pg/ml", "pmol/l"}
+    assert "mmol/l" in {u.lower() for u in ANALYTES["calcium"].spellings}
 
 
 # --- CLINICAL.md examples: Ca x P thresholds in SI ----------------------------------------------------------
