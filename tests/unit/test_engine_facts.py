@@ -615,3 +615,14 @@ def test_latest_value_behind_thousands_of_unusable_ones_reads_each_once_with_bou
     assert value.value == pytest.approx(9.5)
     assert max(len(e.load_count) for e in bad) == 1
     assert len(value.notes) <= 8
+
+
+@pytest.mark.parametrize("value", [99999, 1e308, 0.5])
+def test_a_calcium_outside_its_plausible_range_is_unknown_never_a_finding(ruleset, value):
+    record = product_record([ca(value, 1, rid="ca-odd")], [phos(7.4, 1)])
+    calcium = fact(ruleset, record, "calcium")
+    assert calcium.state == "unknown"
+    assert any(n.startswith("Observation/ca-odd: implausible:") for n in calcium.notes)
+    product = fact(ruleset, record, "ca_x_p")
+    assert product.state == "unknown" and product.value is None  # never 739993, never inf
+    assert result(ruleset, record, "product-high").result is None
