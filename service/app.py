@@ -59,6 +59,7 @@ class Calcinosis:
             session=self.session,
             clock=config.get("AUTH_CLOCK") or time.time,
             replay_cache=_StoreReplayCache(self.store),
+            max_lifetime=config["MAX_TOKEN_LIFETIME"],
         )
 
     def now(self) -> datetime:

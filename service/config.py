@@ -22,6 +22,7 @@ SETTINGS: dict[str, tuple[str, object]] = {
     "PREFETCH_COUNT": ("CDS_PREFETCH_COUNT", 100),
     "AUTH": ("CDS_AUTH", "enabled"),
     "TRUSTED_ISSUERS": ("CDS_TRUSTED_ISSUERS", ""),
+    "MAX_TOKEN_LIFETIME": ("CDS_MAX_TOKEN_LIFETIME", 300.0),
     "DATABASE_URL": ("CDS_DATABASE_URL", f"sqlite:///{Path.cwd() / 'data' / 'calcinosis-cds.db'}"),
     "CORS_ORIGINS": ("CDS_CORS_ORIGINS", "*"),
     "NOW": ("CDS_NOW", ""),

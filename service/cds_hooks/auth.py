@@ -30,6 +30,7 @@ import yaml
 __all__ = [
     "ALGORITHM_NOT_ALLOWED",
     "DEFAULT_ALGORITHMS",
+    "DEFAULT_MAX_LIFETIME",
     "ERROR_CODES",
     "INVALID_AUDIENCE",
     "INVALID_CLAIMS",
@@ -82,6 +83,8 @@ _ASYMMETRIC_ALGORITHMS = frozenset({
     "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
 })
 _REQUIRED_CLAIMS = ("iss", "aud", "exp", "iat", "jti")
+# CDS Hooks 2.0: exp is "5 minutes in the future" of the token's issue.
+DEFAULT_MAX_LIFETIME = 300.0
 # An unknown kid may mean key rotation, but forged kids must not turn us into a fetch amplifier.
 ROTATION_REFETCH_INTERVAL = 10.0
 # Bounds on attacker-supplied input and on what an allow-listed URL may make us read.
@@ -122,7 +125,14 @@ class TrustedIssuers:
     """The allow-list of ``iss`` values, each with its key source and allowed ``jku`` URLs."""
 
     def __init__(self, issuers: Iterable[TrustedIssuer]) -> None:
-        self._by_iss = {issuer.iss: issuer for issuer in issuers}
+        self._by_iss = {}
+        for issuer in issuers:
+            key = _issuer_key(issuer.iss)
+            if key in self._by_iss:
+                raise ConfigurationError(
+                    f"issuers {self._by_iss[key].iss!r} and {issuer.iss!r} differ only by a trailing slash"
+                )
+            self._by_iss[key] = issuer
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> TrustedIssuers:
@@ -151,17 +161,22 @@ class TrustedIssuers:
         return cls(_parse_issuer(iss, entry, source) for iss, entry in data.items())
 
     def get(self, iss: str) -> TrustedIssuer | None:
-        """Return the settings for ``iss``, or None if it is not trusted."""
-        return self._by_iss.get(iss)
+        """Return the settings for ``iss`` (with or without a trailing slash), or None if it is not trusted."""
+        return self._by_iss.get(_issuer_key(iss))
 
     def __contains__(self, iss: object) -> bool:
-        return iss in self._by_iss
+        return isinstance(iss, str) and _issuer_key(iss) in self._by_iss
 
     def __iter__(self) -> Iterator[TrustedIssuer]:
         return iter(self._by_iss.values())
 
     def __len__(self) -> int:
         return len(self._by_iss)
+
+
+def _issuer_key(iss: str) -> str:
+    """Issuers are compared without one trailing slash: clients differ on whether they send it."""
+    return iss[:-1] if iss.endswith("/") else iss
 
 
 def _parse_issuer(iss: Any, entry: Any, source: str) -> TrustedIssuer:
@@ -284,6 +299,7 @@ class ClientAuthenticator:
         jwks_cache_seconds: float = 300,
         http_timeout: float | tuple[float, float] = (2, 5),
         algorithms: Sequence[str] = DEFAULT_ALGORITHMS,
+        max_lifetime: float = DEFAULT_MAX_LIFETIME,
     ) -> None:
         refused = [alg for alg in algorithms if alg not in _ASYMMETRIC_ALGORITHMS]
         if refused or not algorithms:
@@ -293,6 +309,8 @@ class ClientAuthenticator:
             )
         if leeway < 0 or jwks_cache_seconds < 0:
             raise ConfigurationError("leeway and jwks_cache_seconds must not be negative")
+        if not max_lifetime > 0:
+            raise ConfigurationError("max_lifetime must be positive")
         self._issuers = issuers
         self._session = session if session is not None else requests.Session()
         self._clock = clock
@@ -301,6 +319,7 @@ class ClientAuthenticator:
         self._jwks_ttl = float(jwks_cache_seconds)
         self._http_timeout = http_timeout
         self._algorithms = tuple(algorithms)
+        self._max_lifetime = float(max_lifetime)
         # Only allow-listed URLs (jwks_url or an allowed jku) ever get an entry, so this stays small.
         self._jwks: dict[str, _JwksEntry] = {}
         self._jwks_lock = threading.Lock()
@@ -419,6 +438,12 @@ class ClientAuthenticator:
                 TOKEN_NOT_YET_VALID,
                 f"iat {claims['iat']} is {claims['iat'] - now:.0f}s in the future (leeway {leeway:g}s)",
             )
+        # A long-lived token is a long-lived credential, and its jti would be kept for as long.
+        if claims["exp"] - claims["iat"] > self._max_lifetime:
+            raise AuthenticationError(
+                INVALID_CLAIMS,
+                f"exp is {claims['exp'] - claims['iat']:.0f}s after iat; at most {self._max_lifetime:g}s is accepted",
+            )
         if "nbf" in claims and claims["nbf"] > now + leeway:
             raise AuthenticationError(
                 TOKEN_NOT_YET_VALID,
@@ -426,7 +451,14 @@ class ClientAuthenticator:
             )
 
     def _find_key(self, issuer: TrustedIssuer, kid: str, jku: str | None) -> dict[str, Any]:
-        """Return the JWK for ``kid`` from the jku (if allowed), the jwks_url or the inline set."""
+        """Return the JWK for ``kid``: the inline set first, else the jku (if allowed), else the jwks_url.
+
+        A key pinned inline verifies the token whatever its jku header says: clients such as the
+        CDS Hooks Sandbox always send a jku, and an operator who pinned the key needs no fetch.
+        """
+        inline = (_index_jwks(issuer.jwks) or {}) if issuer.jwks is not None else {}
+        if kid in inline:
+            return inline[kid]
         if jku is not None:
             # Fetching an arbitrary jku would let anyone supply their own keys (and make us fetch any URL).
             if jku not in issuer.jku:
@@ -437,9 +469,6 @@ class ClientAuthenticator:
         if issuer.jwks_url is not None:
             return self._remote_key(issuer.jwks_url, kid)
         if issuer.jwks is not None:
-            keys = _index_jwks(issuer.jwks) or {}
-            if kid in keys:
-                return keys[kid]
             raise AuthenticationError(
                 UNKNOWN_KEY, f"kid {_show(kid)} is not in the configured JWKS of iss {_show(issuer.iss)}"
             )

@@ -75,7 +75,8 @@ def test_bad_tokens_are_refused_with_401(secured, key, case):
     elif case == "unknown_iss":
         bad = token(key, iss="https://stranger.example.com")
     elif case == "jku_not_allowed":
-        bad = token(key, headers={"jku": "https://attacker.example.com/jwks.json"})
+        # A kid that is not pinned inline, so the key would have to come from the jku.
+        bad = token(key, kid="attacker-key", headers={"jku": "https://attacker.example.com/jwks.json"})
     elif case == "alg_none":
         bad = jwt.encode({"iss": ISSUER, "aud": BASE + URL, "exp": int(time.time()) + 300, "iat": int(time.time()), "jti": "x"}, None, algorithm="none", headers={"kid": "ehr-key-1"})
     elif case == "hmac":
