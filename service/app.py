@@ -16,6 +16,7 @@ from werkzeug.exceptions import HTTPException
 
 from . import config as config_module
 from . import logs, metrics
+from .bounded_http import bounded_session
 from .store import Store
 from .errors import ServiceError, ServiceUnavailable, Unauthorized
 
@@ -32,8 +33,11 @@ class Calcinosis:
 
         self.config = app.config
         self.rules = RuleStore(app.config["RULES_DIR"], validate_resource=validation_error)
-        self.session: requests.Session = app.config.get("HTTP_SESSION") or requests.Session()
-        self.fetch_settings = FetchSettings(self.session, app.config["FHIR_TIMEOUT"], app.config["FHIR_MAX_PAGES"], app.config["FHIR_BUDGET"])
+        self.session: requests.Session = app.config.get("HTTP_SESSION") or bounded_session()
+        self.fetch_settings = FetchSettings(
+            self.session, app.config["FHIR_TIMEOUT"], app.config["FHIR_MAX_PAGES"], app.config["FHIR_BUDGET"],
+            app.config["FHIR_MAX_BYTES"],
+        )
         fixed = app.config.get("NOW")
         self._clock: Callable[[], datetime] = app.config.get("CLOCK") or (
             (lambda: datetime.fromisoformat(fixed.replace("Z", "+00:00"))) if fixed else (lambda: datetime.now(UTC))

@@ -19,6 +19,7 @@ SETTINGS: dict[str, tuple[str, object]] = {
     "FHIR_TIMEOUT": ("CDS_FHIR_TIMEOUT", 5.0),
     "FHIR_BUDGET": ("CDS_FHIR_BUDGET", 10.0),
     "FHIR_MAX_PAGES": ("CDS_FHIR_MAX_PAGES", 10),
+    "FHIR_MAX_BYTES": ("CDS_FHIR_MAX_BYTES", 32 * 1024 * 1024),
     "PREFETCH_COUNT": ("CDS_PREFETCH_COUNT", 100),
     "AUTH": ("CDS_AUTH", "enabled"),
     "TRUSTED_ISSUERS": ("CDS_TRUSTED_ISSUERS", ""),

@@ -214,7 +214,7 @@ def test_invocation_answered_from_the_fhir_server_conforms(openapi, tmp_path):
     client = app.test_client()
     body = hook_request(app, "esrd-dialysis-high-product.json")
     body.pop("prefetch")
-    body["fhirServer"] = "https://ehr.example.org/fhir"
+    body["fhirServer"] = "http://127.0.0.1:8/fhir"
     body["fhirAuthorization"] = {
         "access_token": "opaque", "token_type": "Bearer", "expires_in": 300, "scope": "user/*.read", "subject": "calcinosis-cds",
     }
@@ -255,7 +255,7 @@ def test_hook_mismatch_is_a_documented_400(openapi, shared_app, shared_client):
     "change, field",
     [
         (lambda b: b["context"].pop("patientId"), "context.patientId"),
-        (lambda b: b.update(fhirServer="ftp://ehr.example.org"), "fhirServer"),
+        (lambda b: b.update(fhirServer="ftp://127.0.0.1/fhir"), "fhirServer"),
         (lambda b: b["prefetch"].update(patient=[1, 2]), "prefetch.patient"),
         (lambda b: b.update(context="pt-1"), "context"),
     ],
@@ -293,7 +293,7 @@ def test_unreachable_fhir_server_is_a_documented_412(openapi, tmp_path):
     client = app.test_client()
     body = hook_request(app, "esrd-dialysis-high-product.json")
     del body["prefetch"]["observations"]
-    body["fhirServer"] = "https://ehr.example.org/fhir"
+    body["fhirServer"] = "http://127.0.0.1:8/fhir"
     response = post(client, URL, body)
     assert response.status_code == 412
     assert [m["key"] for m in response.json["error"]["missing"]] == ["observations"]
