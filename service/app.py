@@ -16,9 +16,9 @@ from werkzeug.exceptions import HTTPException
 
 from . import config as config_module
 from . import logs, metrics
-from .bounded_http import bounded_session
+from .bounded_http import bounded_session, origin, parse_origin
 from .store import Store
-from .errors import ServiceError, ServiceUnavailable, Unauthorized
+from .errors import BadRequest, ServiceError, ServiceUnavailable, Unauthorized
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,18 @@ class Calcinosis:
         self.new_uuid: Callable[[], str] = app.config.get("UUID") or (lambda: str(uuid.uuid4()))
         self.store = app.config.get("STORE") or Store.from_url(app.config["DATABASE_URL"])
         self.auth_disabled = str(app.config["AUTH"]).lower() == "disabled"
+        if not self.auth_disabled and not app.config["PUBLIC_BASE_URL"]:
+            # The JWT audience must not come from the Host header, which the caller chooses.
+            raise SystemExit(
+                "CDS_PUBLIC_BASE_URL is required when CDS client authentication is enabled: set it to the "
+                "service's public URL (the JWT aud is that URL + the endpoint path), or set CDS_AUTH=disabled"
+            )
+        try:
+            self.fhir_servers = tuple(parse_origin(o) for o in str(app.config["FHIR_SERVERS"]).split(",") if o.strip())
+        except ValueError as exc:
+            raise SystemExit(f"CDS_FHIR_SERVERS: {exc}") from None
         self.authenticator = None if self.auth_disabled else self._authenticator(app.config)
+        self.fhir_servers_unrestricted = self._warn_if_fhir_servers_unrestricted()
         self.rules.listeners.append(lambda ok: metrics.RULE_RELOADS.labels("ok" if ok else "refused").inc())
 
     def _authenticator(self, config):
@@ -66,11 +77,41 @@ class Calcinosis:
             max_lifetime=config["MAX_TOKEN_LIFETIME"],
         )
 
+    def _warn_if_fhir_servers_unrestricted(self) -> bool:
+        """Say at start-up when a hook call may name any fhirServer (the service would fetch from it)."""
+        if self.fhir_servers:
+            return False
+        if self.auth_disabled:
+            open_to = ["every caller (CDS_AUTH=disabled)"]
+        else:
+            open_to = [issuer.iss for issuer in self.authenticator.issuers if issuer.fhir_servers is None]
+        if open_to:
+            log.warning(
+                "any fhirServer is accepted: set fhir_servers per trusted issuer or CDS_FHIR_SERVERS",
+                extra={"event": "fhir_servers_unrestricted", "for": open_to},
+            )
+        return bool(open_to)
+
+    def check_fhir_server(self, fhir_server: str | None) -> None:
+        """Refuse a fhirServer whose origin is not trusted for this caller, before anything is fetched."""
+        if fhir_server is None:
+            return
+        allowed = self.fhir_servers
+        if not self.auth_disabled:
+            issuer = self.authenticator.issuers.get(g.get("cds_client") or "")
+            if issuer is not None and issuer.fhir_servers is not None:
+                allowed = issuer.fhir_servers
+        if allowed and origin(fhir_server) not in allowed:
+            raise BadRequest(
+                "fhirServer is not a FHIR server this service trusts for this client",
+                code="untrusted_fhir_server", field="fhirServer",
+            )
+
     def now(self) -> datetime:
         return self._clock()
 
     def base_url(self) -> str:
-        """The public base URL: configured (behind a proxy) or as the request reached us."""
+        """The public base URL: configured (required with auth), or as the request reached us (auth disabled)."""
         return (self.config["PUBLIC_BASE_URL"] or request.host_url).rstrip("/")
 
     def documentation_url(self, rule_id: str) -> str:

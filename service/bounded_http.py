@@ -16,13 +16,14 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Mapping
+from urllib.parse import urlsplit
 
 import requests
 import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 
-__all__ = ["BoundedResponse", "DownloadFailed", "bounded_get", "bounded_session"]
+__all__ = ["BoundedResponse", "DownloadFailed", "bounded_get", "bounded_session", "origin", "parse_origin"]
 
 _CHUNK = 64 * 1024
 # Only the encodings urllib3 inflates in bounded steps; a body in any other encoding is refused.
@@ -32,6 +33,33 @@ ACCEPT_ENCODING = "gzip, deflate"
 UNREACHABLE = "unreachable"
 TIMEOUT = "timeout"
 TOO_LARGE = "too_large"
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def origin(url: str) -> str | None:
+    """The RFC 6454 origin of an http(s) URL as "scheme://host:port", or None if it has none."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not parts.hostname:
+        return None
+    host = parts.hostname  # lower-cased, without userinfo or IPv6 brackets
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host}:{port or _DEFAULT_PORTS[scheme]}"
+
+
+def parse_origin(text: str) -> str:
+    """A configured origin ("https://ehr.example.org[:port]"), normalised; ValueError saying why not."""
+    parts = urlsplit(text.strip()) if isinstance(text, str) else None
+    found = origin(text.strip()) if isinstance(text, str) else None
+    if found is None or parts is None or parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
+        raise ValueError(f"{text!r} is not an origin: expected scheme://host[:port], http or https, no path")
+    return found
 
 
 class DownloadFailed(Exception):

@@ -20,6 +20,7 @@ SETTINGS: dict[str, tuple[str, object]] = {
     "FHIR_BUDGET": ("CDS_FHIR_BUDGET", 10.0),
     "FHIR_MAX_PAGES": ("CDS_FHIR_MAX_PAGES", 10),
     "FHIR_MAX_BYTES": ("CDS_FHIR_MAX_BYTES", 32 * 1024 * 1024),
+    "FHIR_SERVERS": ("CDS_FHIR_SERVERS", ""),
     "PREFETCH_COUNT": ("CDS_PREFETCH_COUNT", 100),
     "AUTH": ("CDS_AUTH", "enabled"),
     "TRUSTED_ISSUERS": ("CDS_TRUSTED_ISSUERS", ""),

@@ -27,7 +27,7 @@ import jwt
 import requests
 import yaml
 
-from service.bounded_http import DownloadFailed, bounded_get, bounded_session
+from service.bounded_http import DownloadFailed, bounded_get, bounded_session, parse_origin
 
 __all__ = [
     "ALGORITHM_NOT_ALLOWED",
@@ -95,7 +95,7 @@ _MAX_TOKEN_CHARS = 16_384
 _MAX_JWKS_BYTES = 512 * 1024
 # The signature part may be empty so that alg=none tokens get the precise error code.
 _COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
-_ISSUER_FIELDS = ("jwks_url", "jwks", "jku")
+_ISSUER_FIELDS = ("jwks_url", "jwks", "jku", "fhir_servers")
 
 
 class ConfigurationError(Exception):
@@ -122,6 +122,8 @@ class TrustedIssuer:
     jwks_url: str | None = None
     jwks: Mapping[str, Any] | None = None
     jku: tuple[str, ...] = ()
+    # Origins this client's fhirServer may name; None means any (warned about at start-up).
+    fhir_servers: tuple[str, ...] | None = None
 
 
 class TrustedIssuers:
@@ -207,7 +209,15 @@ def _parse_issuer(iss: Any, entry: Any, source: str) -> TrustedIssuer:
         raise fail("no key source: set jwks_url, an inline jwks, or a jku allow-list")
     if jwks is not None:
         _check_inline_jwks(jwks, fail)
-    return TrustedIssuer(iss=iss, jwks_url=jwks_url, jwks=jwks, jku=tuple(jku))
+    fhir_servers = entry.get("fhir_servers")
+    if fhir_servers is not None:
+        if not isinstance(fhir_servers, list) or not fhir_servers:
+            raise fail("fhir_servers must be a non-empty list of origins (scheme://host[:port])")
+        try:
+            fhir_servers = tuple(parse_origin(item) for item in fhir_servers)
+        except ValueError as exc:
+            raise fail(f"fhir_servers: {exc}") from None
+    return TrustedIssuer(iss=iss, jwks_url=jwks_url, jwks=jwks, jku=tuple(jku), fhir_servers=fhir_servers)
 
 
 def _check_inline_jwks(jwks: Any, fail: Callable[[str], ConfigurationError]) -> None:
@@ -316,6 +326,7 @@ class ClientAuthenticator:
         if not max_lifetime > 0:
             raise ConfigurationError("max_lifetime must be positive")
         self._issuers = issuers
+        self.issuers = issuers
         self._session = session if session is not None else bounded_session()
         self._clock = clock
         self._leeway = float(leeway)
