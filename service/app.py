@@ -21,6 +21,7 @@ from .store import Store
 from .errors import BadRequest, ServiceError, ServiceUnavailable, Unauthorized
 
 log = logging.getLogger(__name__)
+_access = logging.getLogger("service.access")
 
 
 class Calcinosis:
@@ -145,7 +146,15 @@ class Calcinosis:
         ]
         for card in issued:
             metrics.CARDS.labels(card.rule_id, card.indicator).inc()
-        self.store.record_cards(hook_instance, service_id, issued, self.now())
+        try:
+            self.store.record_cards(hook_instance, service_id, issued, self.now())
+        except Exception as exc:  # the clinician still gets the cards; only feedback attribution is lost
+            metrics.CARD_RECORD_FAILURES.inc()
+            log.error(
+                "issued cards not recorded; answering them anyway",
+                extra={"event": "cards_not_recorded", "hookInstance": hook_instance, "service": service_id,
+                       "cards": len(issued), "error_type": type(exc).__name__},
+            )
 
 
 class _StoreReplayCache:
@@ -205,8 +214,24 @@ def freeze_long_lived_objects() -> None:
     gc.freeze()
 
 
+def request_labels() -> tuple[str, str]:
+    """(service, endpoint) for metrics and the access log, from the matched route, never the raw path.
+
+    Anyone can POST to /cds-services/<anything>: a label per path would let them grow /metrics
+    without bound, so an id that is not a known service is "unknown".
+    """
+    from .cds_hooks.services import SERVICES
+
+    rule = request.url_rule
+    service_id = (request.view_args or {}).get("service_id")
+    service = "-" if service_id is None else (service_id if service_id in SERVICES else "unknown")
+    if rule is None:
+        return ("unknown" if request.path.startswith("/cds-services/") else "-"), "unmatched"
+    return service, (request.endpoint or "unmatched").rsplit(".", 1)[-1]
+
+
 def _instrument(app: Flask) -> None:
-    """Count and time every CDS Hooks request by service, endpoint and status."""
+    """Count and time every CDS Hooks request by known service, endpoint and status."""
 
     @app.before_request
     def start_timer() -> None:
@@ -215,13 +240,29 @@ def _instrument(app: Flask) -> None:
     @app.after_request
     def observe(response):
         if request.path.startswith("/cds-services") and request.method != "OPTIONS":
-            parts = request.path.strip("/").split("/")
-            service = parts[1] if len(parts) > 1 else "-"
-            endpoint = "discovery" if len(parts) == 1 else ("feedback" if parts[-1] == "feedback" and len(parts) == 3 else "invoke")
+            service, endpoint = request_labels()
             labels = (service, endpoint, str(response.status_code))
             metrics.REQUESTS.labels(*labels).inc()
             metrics.LATENCY.labels(*labels).observe(time.perf_counter() - g.get("started", time.perf_counter()))
         return response
+
+    if app.config["ACCESS_LOG"]:
+
+        @app.after_request
+        def access_log(response):
+            # Chosen fields only: no query string (it may name a patient), no body, no header.
+            service, _ = request_labels()
+            rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
+            _access.info(
+                "request",
+                extra={
+                    "event": "access", "method": request.method, "route": rule, "service": service,
+                    "status": response.status_code,
+                    "ms": round((time.perf_counter() - g.get("started", time.perf_counter())) * 1000, 1),
+                    "client": request.remote_addr,
+                },
+            )
+            return response
 
 
 def _register_error_handlers(app: Flask) -> None:

@@ -117,10 +117,10 @@ def feedback(service_id: str) -> Response:
     ext = current_app.extensions["calcinosis"]
     ext.authenticate(request, service_id)
     try:
-        items = parse_feedback(read_json())
+        items = parse_feedback(read_json(), max_items=current_app.config["FEEDBACK_MAX_ITEMS"])
     except FeedbackError as exc:
         details = {k: v for k, v in (("index", exc.index), ("field", exc.field)) if v is not None}
-        raise BadRequest(str(exc), code="invalid_feedback", **details) from None
+        raise BadRequest(str(exc), code=exc.code, **details) from None
     stored = ext.store.add_feedback(service_id, items, ext.now())
     unknown = [s.card for s in stored if not s.known_card]
     log.info(
