@@ -309,6 +309,22 @@ def test_body_over_the_configured_maximum_is_a_documented_413(openapi, tmp_path)
     conforms(openapi, response)
 
 
+def test_an_untrusted_fhir_server_is_a_documented_400(openapi, tmp_path):
+    app = make_app(tmp_path, FHIR_SERVERS="http://127.0.0.1:9")
+    body = hook_request(app, "esrd-dialysis-high-product.json")
+    body["fhirServer"] = "http://127.0.0.1:8/fhir"
+    response = post(app.test_client(), URL, body)
+    assert response.status_code == 400 and response.json["error"]["code"] == "untrusted_fhir_server"
+    conforms(openapi, response)
+
+
+def test_too_many_feedback_items_is_a_documented_400(openapi, client):
+    item = {"card": "c", "outcome": "overridden", "outcomeTimestamp": "2026-11-01T12:00:00Z"}
+    response = post(client, FEEDBACK_URL, {"feedback": [item] * 101})
+    assert response.status_code == 400 and response.json["error"]["code"] == "too_many_items"
+    conforms(openapi, response)
+
+
 def test_unexpected_failure_is_a_documented_500(openapi, app, client, monkeypatch):
     from service.cds_hooks import hooks
 

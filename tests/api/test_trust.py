@@ -277,3 +277,21 @@ def test_logs_carry_the_hook_instance_and_rules_but_never_patient_data_or_tokens
     # ...and none of it, nor any credential, reached the log.
     for secret in (patient_id, "fhir-token-SECRET-9931", bearer, bearer.split(".")[2], "10.4321"):
         assert secret not in logged, secret
+
+
+def test_a_seen_jti_is_kept_only_until_its_token_expires_plus_the_skew(secured, key):
+    bearer = token(key, exp_in=120)
+    assert call(secured, bearer).status_code == 200
+    exp = jwt.decode(bearer, options={"verify_signature": False})["exp"]
+    store = secured.extensions["calcinosis"].store
+    with store._read() as cursor:  # noqa: SLF001 - the row itself is what is checked
+        cursor.execute("SELECT expires_at FROM seen_jti")
+        assert [row[0] for row in cursor.fetchall()] == [exp + 30]
+
+
+def test_a_token_living_a_century_is_refused_and_leaves_no_jti_row(secured, key):
+    response = call(secured, token(key, exp_in=100 * 365 * 86400))
+    assert response.status_code == 401
+    with secured.extensions["calcinosis"].store._read() as cursor:  # noqa: SLF001
+        cursor.execute("SELECT COUNT(*) FROM seen_jti")
+        assert cursor.fetchone()[0] == 0
