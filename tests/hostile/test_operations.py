@@ -82,14 +82,25 @@ def _metric(app, name: str) -> float:
 # --- metrics cannot be inflated from outside ----------------------------------------------------------
 
 def test_posts_to_unknown_service_ids_share_one_metrics_label(client):
+    def unknown_series() -> dict[str, float]:
+        text = client.get("/metrics").get_data(as_text=True)
+        assert not any(f'service="x{n}"' in text for n in range(50))
+        return {
+            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith("cds_requests_total{") and 'service="unknown"' in line
+        }
+
+    before = unknown_series()
     for n in range(50):
         assert client.post(f"/cds-services/x{n}", json={}).status_code == 404
         client.post(f"/cds-services/x{n}/feedback/extra", json={})
-    text = client.get("/metrics").get_data(as_text=True)
-    assert not any(f'service="x{n}"' in text for n in range(50))
-    series = [l for l in text.splitlines() if l.startswith("cds_requests_total{") and 'service="unknown"' in l]
-    assert 'cds_requests_total{endpoint="invoke",service="unknown",status="404"} 50.0' in series
-    assert 'cds_requests_total{endpoint="unmatched",service="unknown",status="404"} 50.0' in series
+    after = unknown_series()
+    # The metrics registry is per process, so other tests may have counted here before: compare growth.
+    grown = {series: after[series] - before.get(series, 0.0) for series in after}
+    assert grown == {
+        'cds_requests_total{endpoint="invoke",service="unknown",status="404"}': 50.0,
+        'cds_requests_total{endpoint="unmatched",service="unknown",status="404"}': 50.0,
+    }
 
 
 # --- the access log -------------------------------------------------------------------------------
