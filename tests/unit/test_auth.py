@@ -235,7 +235,7 @@ def test_a_token_from_an_unlisted_issuer_is_rejected_without_fetching_keys(authe
 
 
 def test_a_jku_not_on_the_issuers_allow_list_is_rejected_without_fetching_it(authenticator, http, ec_key):
-    token = ec_key.sign(headers={"jku": "https://attacker.example.com/jwks.json"})
+    token = ec_key.sign(headers={"jku": "https://127.0.0.9/jwks.json"})
 
     assert rejection(authenticator, bearer(token), token).code == "untrusted_jku"
     assert len(http.calls) == 0
@@ -429,7 +429,7 @@ def test_a_broken_jwks_endpoint_is_reported_as_jwks_unavailable(authenticator, h
 
 
 def test_a_redirect_from_the_jwks_url_is_not_followed(authenticator, http, ec_key):
-    elsewhere = "https://attacker.example.com/jwks.json"
+    elsewhere = "https://127.0.0.9/jwks.json"
     http.assert_all_requests_are_fired = False
     http.get(JWKS_URL, status=302, headers={"Location": elsewhere})
     serve_jwks(http, ec_key, url=elsewhere)
