@@ -41,7 +41,7 @@ e2e:
 	  exit 0; \
 	fi; \
 	$(MAKE) --no-print-directory $(VENV)/.installed-e2e && \
-	timeout --signal=INT --kill-after=20 $(E2E_SECONDS) $(BIN)/python -m pytest tests/e2e -m e2e
+	timeout --signal=INT --kill-after=20 $(E2E_SECONDS) $(BIN)/python -m pytest tests/e2e -m e2e --durations=8
 
 ## Validate every file in rules/ (what rule authors run after an edit).
 rules-check: install

@@ -56,6 +56,7 @@ class Seen:
     path: str
     status: int
     user_agent: str
+    body: str = ""  # a POST _search's form parameters
 
 
 @dataclass
@@ -111,9 +112,9 @@ class FhirTestServer:
     def __exit__(self, *exc_info) -> None:
         self.stop()
 
-    def record(self, method: str, path: str, status: int, user_agent: str) -> None:
+    def record(self, method: str, path: str, status: int, user_agent: str, body: str = "") -> None:
         with self._lock:
-            self.seen.append(Seen(method, path, status, user_agent))
+            self.seen.append(Seen(method, path, status, user_agent, body))
 
     # --- the FHIR side ---
 
@@ -273,7 +274,7 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args) -> None:  # noqa: A002 - the base class's name
         pass  # the `seen` list is the log; stderr stays quiet in test output
 
-    def _send(self, status: int, body: dict | None) -> None:
+    def _send(self, status: int, body: dict | None, form: str = "") -> None:
         data = json.dumps(body).encode() if body is not None else b""
         self.send_response(status)
         self.send_header("Access-Control-Allow-Origin", self.headers.get("Origin") or "*")
@@ -283,7 +284,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
-        self.fhir.record(self.command, self.path, status, self.headers.get("User-Agent", ""))
+        self.fhir.record(self.command, self.path, status, self.headers.get("User-Agent", ""), form)
 
     def do_OPTIONS(self) -> None:  # noqa: N802 - http.server's naming
         self.send_response(204)
@@ -333,4 +334,4 @@ class _Handler(BaseHTTPRequestHandler):
         # FHIR R4 3.1.0.1.2: parameters may come in the URL and the body together.
         params = parse_qsl(parts.query, keep_blank_values=True) + parse_qsl(body, keep_blank_values=True)
         status, answer = self.fhir.search(segments[0], params)
-        return self._send(status, answer)
+        return self._send(status, answer, form=body)

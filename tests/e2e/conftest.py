@@ -11,15 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from service.config import PROJECT_ROOT
 from tests.conftest import FIXTURES
 from tests.fhir_test_server import FhirTestServer
 
-from .sandbox import CHROMIUM_ARGS, Browser, Sandbox
-from .stack import SANDBOX_ISSUER, StaticFiles, start_service
+from .sandbox import ARTEFACTS, CHROMIUM_ARGS, Browser, Sandbox
+from .stack import StaticFiles, sandbox_issuer, start_service
 
 CHROMIUM = os.environ.get("CDS_E2E_CHROMIUM", "/usr/bin/chromium")
-ARTEFACTS = Path(os.environ.get("CDS_E2E_ARTEFACTS") or PROJECT_ROOT / "artefacts" / "e2e")
 
 
 @pytest.hookimpl(wrapper=True)
@@ -81,9 +79,9 @@ def static_files(sandbox_dir):
 
 
 @pytest.fixture(scope="session")
-def service(e2e_dir, sandbox_jwks):
-    """The service under gunicorn, trusting the sandbox's key, pinned inline (no JWKS fetch)."""
-    service = start_service(e2e_dir / "service", {SANDBOX_ISSUER: {"jwks": sandbox_jwks}}, workers=2)
+def service(e2e_dir, sandbox_jwks, fhir_server):
+    """The service under gunicorn, trusting the sandbox's own key."""
+    service = start_service(e2e_dir / "service", sandbox_issuer(sandbox_jwks, fhir_server), workers=2)
     yield service
     service.stop()
 

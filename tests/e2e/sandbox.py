@@ -8,12 +8,16 @@ only while a Playwright call is running, so a plain `time.sleep` would stall the
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit
 
+from service.config import PROJECT_ROOT
+
+ARTEFACTS = Path(os.environ.get("CDS_E2E_ARTEFACTS") or PROJECT_ROOT / "artefacts" / "e2e")
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",

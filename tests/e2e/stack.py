@@ -12,8 +12,8 @@ import ctypes
 import functools
 import json
 import os
-import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -28,7 +28,6 @@ from tests.conftest import SCENARIO_TIME
 SANDBOX_ISSUER = "https://sandbox.cds-hooks.org"
 CDS_NOW = SCENARIO_TIME.strftime("%Y-%m-%dT%H:%M:%SZ")
 START_TIMEOUT = 45.0
-_LISTENING = re.compile(rb"Listening at: http://127\.0\.0\.1:(\d+)")
 
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
@@ -79,13 +78,27 @@ class Service:
                 self.process.wait(timeout=5)
 
 
+def sandbox_issuer(jwks: dict, fhir_server) -> dict:
+    """Trust the sandbox's iss with `jwks` pinned inline (no JWKS fetch), for the FHIR test server only."""
+    return {SANDBOX_ISSUER: {"jwks": jwks, "fhir_servers": [fhir_server.base_url]}}
+
+
 def start_service(workdir: Path, issuers: dict, *, workers: int = 2) -> Service:
-    """Run the service as production does, trusting `issuers` (iss -> settings, keys inline)."""
+    """Run the service as production does, trusting `issuers` (iss -> settings, keys inline).
+
+    The test binds the socket (port 0) and hands it to gunicorn (`fd://`), so the port is
+    known before start, as CDS_PUBLIC_BASE_URL (the JWT audience) needs, and nobody can take
+    it in between.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "metrics").mkdir(exist_ok=True)
     issuers_file = workdir / "trusted-issuers.json"
     issuers_file.write_text(json.dumps(issuers, indent=2))
     db_path = workdir / "store.db"
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    base_url = f"http://127.0.0.1:{listener.getsockname()[1]}"
     env = dict(
         os.environ,
         CDS_AUTH="enabled",
@@ -93,35 +106,21 @@ def start_service(workdir: Path, issuers: dict, *, workers: int = 2) -> Service:
         CDS_NOW=CDS_NOW,
         CDS_DATABASE_URL=f"sqlite:///{db_path}",
         CDS_RULES_POLL_SECONDS="0",
-        CDS_PUBLIC_BASE_URL="",
+        CDS_PUBLIC_BASE_URL=base_url,
         WEB_CONCURRENCY=str(workers),
         PROMETHEUS_MULTIPROC_DIR=str(workdir / "metrics"),
     )
     log_path = workdir / "service.log"
     # A file, not a pipe: nobody reads a pipe while the browser runs, and a full pipe blocks workers.
-    with log_path.open("wb") as log:
+    with listener, log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "--config", str(PROJECT_ROOT / "gunicorn.conf.py"),
-             "--bind", "127.0.0.1:0", "service:create_app()"],
+             "--bind", f"fd://{listener.fileno()}", "service:create_app()"],
             cwd=PROJECT_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
+            pass_fds=(listener.fileno(),), preexec_fn=_die_with_parent,
         )
-    deadline = time.monotonic() + START_TIMEOUT
-    port = None
-    while time.monotonic() < deadline and process.poll() is None:
-        found = _LISTENING.search(log_path.read_bytes())
-        if found:
-            port = int(found.group(1))
-            break
-        time.sleep(0.2)
-    service = Service(process, f"http://127.0.0.1:{port}", log_path, db_path)
-    if port is None:
-        service.stop()
-        raise RuntimeError(
-            f"the service did not start listening within {START_TIMEOUT:.0f} s "
-            f"(exit code {process.poll()}); its log {log_path} ends:\n{service.log_tail()}"
-        )
-    _wait_ready(service, deadline)
+    service = Service(process, base_url, log_path, db_path)
+    _wait_ready(service, time.monotonic() + START_TIMEOUT)
     return service
 
 
@@ -129,7 +128,7 @@ def _wait_ready(service: Service, deadline: float) -> None:
     import requests
 
     problem = "no answer"
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and service.process.poll() is None:
         try:
             answer = requests.get(service.base_url + "/readyz", timeout=2)
             if answer.ok:
@@ -139,7 +138,10 @@ def _wait_ready(service: Service, deadline: float) -> None:
             problem = type(exc).__name__
         time.sleep(0.2)
     service.stop()
-    raise RuntimeError(f"the service was not ready within {START_TIMEOUT:.0f} s ({problem}); log:\n{service.log_tail()}")
+    raise RuntimeError(
+        f"the service was not ready within {START_TIMEOUT:.0f} s ({problem}; exit code {service.process.poll()}); "
+        f"its log {service.log_path} ends:\n{service.log_tail()}"
+    )
 
 
 class StaticFiles:

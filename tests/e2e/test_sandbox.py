@@ -18,9 +18,8 @@ from service.harness import load_cases
 from tests.conftest import FIXTURES, make_app
 from tests.requests_builder import request_with_prefetch
 
-from .conftest import ARTEFACTS
-from .sandbox import Card, PatientView, Sandbox, card_from_service, card_locator, hook_call, rendered_cards
-from .stack import SANDBOX_ISSUER, start_service
+from .sandbox import ARTEFACTS, Card, PatientView, Sandbox, card_from_service, card_locator, hook_call, rendered_cards
+from .stack import sandbox_issuer, start_service
 
 pytestmark = pytest.mark.e2e
 
@@ -55,42 +54,59 @@ def explain(rendered: list[Card], expected: list[Card]) -> str:
 
 @pytest.fixture(scope="session")
 def patient_views(request, browser_context, static_files, fhir_server, service, service_answers) -> dict[str, PatientView]:
-    """The selected fixtures' patient views in the sandbox, three pages at a time (the run must stay short)."""
+    """The patient views in the sandbox, three pages at a time (the run must stay short).
+
+    The fixtures of the selected patient-view tests, and the two that other tests read.
+    """
     selected = [
         item.callspec.params["name"] for item in request.session.items
         if getattr(item, "originalname", None) == "test_patient_view_renders_exactly_the_services_cards"
     ]
+    names = sorted(set(selected) | {HIGH_PRODUCT_DIALYSIS, WITH_SUGGESTIONS})
     sandbox = Sandbox(browser_context, static_files.base_url, fhir_server.base_url, ARTEFACTS)
-    ids = {name: patient_id(name) for name in selected}
+    ids = {name: patient_id(name) for name in names}
     try:
-        views = sandbox.view_patients(service.base_url, list(ids.values()), {ids[n]: service_answers[n] for n in selected})
+        views = sandbox.view_patients(service.base_url, list(ids.values()), {ids[n]: service_answers[n] for n in names})
     finally:
         sandbox.close_pages()
-    return {name: views[ids[name]] for name in selected}
+    return {name: views[ids[name]] for name in names}
+
+
+def artefacts_of(view: PatientView) -> str:
+    return "\ne2e artefacts (screenshot, browser console):\n" + "\n".join(f"  {p}" for p in view.artefacts)
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_patient_view_renders_exactly_the_services_cards(patient_views, service_answers, name):
     view = patient_views[name]
-    saved = "\ne2e artefacts (screenshot, browser console):\n" + "\n".join(f"  {p}" for p in view.artefacts)
-    assert view.problem is None, view.problem + saved
-    assert view.cards == service_answers[name], explain(view.cards, service_answers[name]) + saved
+    assert view.problem is None, view.problem + artefacts_of(view)
+    assert view.cards == service_answers[name], explain(view.cards, service_answers[name]) + artefacts_of(view)
 
 
-def test_the_sandbox_prefetches_and_the_service_pages_through_the_rest(sandbox, service, fhir_server):
+def test_the_sandbox_prefetches_and_the_service_pages_through_the_rest(patient_views, fhir_server):
     # 4 Observations and 4 Conditions; the test server's pages hold at most 3 entries.
-    start = len(fhir_server.seen)
-    page, call = sandbox.open_patient(service.base_url, patient_id(HIGH_PRODUCT_DIALYSIS))
-    assert call.status == 200, call.response
-    assert set(call.request["prefetch"]) >= {"patient", "observations", "conditions"}, "the sandbox filled the prefetch templates"
-    seen = fhir_server.seen[start:]
+    view = patient_views[HIGH_PRODUCT_DIALYSIS]
+    assert view.call is not None and view.call.status == 200, view.problem
+    assert set(view.call.request["prefetch"]) >= {"patient", "observations", "conditions"}, "the sandbox filled the prefetch templates"
+    about = f"patient={view.patient_id}"
+    seen = [s for s in fhir_server.seen if about in s.path or about in s.body]
     by_browser = [s for s in seen if "python-requests" not in s.user_agent]
     by_service = [s for s in seen if "python-requests" in s.user_agent]
     assert any(s.method == "POST" and s.path == "/Observation/_search" and s.status == 200 for s in by_browser), seen
     assert any(s.method == "POST" and s.path == "/Condition/_search" and s.status == 200 for s in by_browser), seen
-    paged = [s.path.split("?")[0] for s in by_service if s.method == "GET" and "_offset=3" in s.path and s.status == 200]
-    assert sorted(paged) == ["/Condition", "/Observation"], f"the service should fetch page 2 of both searches: {seen}"
-    assert rendered_cards(page, expected_count=len(call.cards))
+    paged = sorted(s.path.split("?")[0] for s in by_service if s.method == "GET" and "_offset=3" in s.path and s.status == 200)
+    assert paged == ["/Condition", "/Observation"], f"the service should fetch page 2 of both searches: {seen}"
+
+
+def test_the_sandboxs_signed_calls_are_accepted(patient_views, service):
+    """Every patient view's hook call was authenticated and answered; the service refused none."""
+    events = service.log_events()
+    answered = {e.get("hookInstance") for e in events if e.get("event") == "hook_answered"}
+    calls = {name: view.call.request.get("hookInstance") for name, view in patient_views.items() if view.call}
+    assert calls, "no patient view made a hook call"
+    assert {name: i for name, i in calls.items() if i not in answered} == {}
+    assert [e for e in events if e.get("event") == "auth_refused"] == []
+    assert not [e for e in events if e.get("event") == "auth_disabled"], "the service must check the tokens"
 
 
 def feedback_rows(service) -> list[dict]:
@@ -136,15 +152,7 @@ def test_taking_a_suggestion_stores_accepted_and_dismiss_stores_overridden(sandb
     }
 
 
-def test_the_sandboxs_signed_calls_are_accepted(sandbox, service):
-    since = service.log_offset()
-    page, call = sandbox.open_patient(service.base_url, patient_id(WITH_SUGGESTIONS))
-    assert call.status == 200, call.response
-    events = wait_for_log(service, since, lambda e: e.get("event") == "hook_answered" and e.get("hookInstance") == call.request["hookInstance"])
-    assert not [e for e in events if e.get("event") == "auth_refused"], events
-
-
-def test_another_issuer_key_gets_401_in_the_services_log(sandbox, e2e_dir, sandbox_jwks):
+def test_another_issuer_key_gets_401_in_the_services_log(sandbox, e2e_dir, sandbox_jwks, fhir_server):
     """Same issuer and kid, another public key: the sandbox's signature cannot verify."""
     from cryptography.hazmat.primitives.asymmetric import ec
     from jwt.algorithms import ECAlgorithm
@@ -152,7 +160,7 @@ def test_another_issuer_key_gets_401_in_the_services_log(sandbox, e2e_dir, sandb
     kid = sandbox_jwks["keys"][0]["kid"]
     other = json.loads(ECAlgorithm.to_jwk(ec.generate_private_key(ec.SECP384R1()).public_key()))
     other.update(kid=kid, use="sig", alg="ES384")
-    wrong = start_service(e2e_dir / "wrong-key", {SANDBOX_ISSUER: {"jwks": {"keys": [other]}}}, workers=1)
+    wrong = start_service(e2e_dir / "wrong-key", sandbox_issuer({"keys": [other]}, fhir_server), workers=1)
     try:
         page, call = sandbox.open_patient(wrong.base_url, patient_id(WITH_SUGGESTIONS))
         events = wait_for_log(wrong, 0, lambda e: e.get("event") == "request_error" and e.get("path") == "/cds-services/calcinosis-risk")
