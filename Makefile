@@ -41,7 +41,8 @@ e2e:
 	  exit 0; \
 	fi; \
 	$(MAKE) --no-print-directory $(VENV)/.installed-e2e && \
-	timeout --signal=INT --kill-after=20 $(E2E_SECONDS) $(BIN)/python -m pytest tests/e2e -m e2e --durations=8
+	timeout --signal=INT --kill-after=20 $(E2E_SECONDS) $(BIN)/python -m pytest tests/e2e -m e2e --durations=8 || { \
+	  status=$$?; [ $$status -ne 124 ] || echo "make e2e: stopped: the run took longer than E2E_SECONDS=$(E2E_SECONDS) s"; exit $$status; }
 
 ## Validate every file in rules/ (what rule authors run after an edit).
 rules-check: install
