@@ -150,6 +150,8 @@ def test_taking_a_suggestion_stores_accepted_and_dismiss_stores_overridden(sandb
     assert {accepted["rule_id"], overridden["rule_id"]} == {
         card_from_service(taken_card).rule, card_from_service(dismissed_card).rule,
     }
+    # The sandbox also asks its public default service for cards: the browser must have refused that.
+    assert "https://sandbox-services.cds-hooks.org/cds-services" in sandbox.blocked, sandbox.blocked
 
 
 def test_another_issuer_key_gets_401_in_the_services_log(sandbox, e2e_dir, sandbox_jwks, fhir_server):
