@@ -26,6 +26,10 @@ SETTINGS: dict[str, tuple[str, object]] = {
     "CORS_ORIGINS": ("CDS_CORS_ORIGINS", "*"),
     "NOW": ("CDS_NOW", ""),
     "LOG_LEVEL": ("CDS_LOG_LEVEL", "INFO"),
+    # Secret for the keyed hashes that stand for patients in the store. Required when client
+    # authentication is on; without auth (local demos) one is generated into PATIENT_KEY_FILE.
+    "PATIENT_KEY": ("CDS_PATIENT_KEY", ""),
+    "PATIENT_KEY_FILE": ("CDS_PATIENT_KEY_FILE", str(Path.cwd() / "data" / "patient-key")),
 }
 
 

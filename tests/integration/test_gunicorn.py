@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from service.engine.loader import load_ruleset
-from tests.conftest import FIXTURES, RULES
+from tests.conftest import FIXTURES, RULES, TEST_PATIENT_KEY
 from tests.requests_builder import request_with_prefetch
 
 ROOT = RULES.parent
@@ -37,6 +37,7 @@ def start(tmp_path, rules_dir) -> tuple[subprocess.Popen, str]:
     env = dict(
         os.environ,
         CDS_AUTH="disabled",
+        CDS_PATIENT_KEY=TEST_PATIENT_KEY,
         CDS_RULES_DIR=str(rules_dir),
         CDS_DATABASE_URL=f"sqlite:///{tmp_path / 'store.db'}",
         CDS_NOW="2026-11-01T12:00:00Z",

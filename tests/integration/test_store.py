@@ -315,7 +315,9 @@ def test_report_counts_cards_outcomes_and_top_three_override_reasons(store):
         ("(comment only)", 1),
         ("(no reason given)", 1),
     )
-    assert rows["calcinosis-workup"] == RuleReport("calcinosis-workup", 2, 1, 0, 1, ())
+    # The full list keeps the reasons that the top three leave out.
+    assert len(risk.override_reasons) == 5 and risk.override_reasons[-1] == ("zz-other", 1)
+    assert rows["calcinosis-workup"] == RuleReport("calcinosis-workup", 2, 1, 0, 1, (), suggestions_taken=1)
     ghost = rows[UNKNOWN_CARD_ROW]
     assert (ghost.cards_issued, ghost.overridden, ghost.top_override_reasons) == (0, 1, (("pt-declined", 1),))
 
@@ -332,16 +334,16 @@ def test_format_report_renders_an_aligned_table(store):
     issue(store, "short", "e")
     store.add_feedback(SERVICE, [accepted("a"), overridden("b", code="x", display="Already treated")], NOW)
     lines = format_report(store.report()).splitlines()
-    assert lines[0].split() == ["RULE", "ISSUED", "ACCEPTED", "OVERRIDDEN", "ACCEPT", "RATE", "TOP",
-                                "OVERRIDE", "REASONS"]
+    assert lines[0].split() == ["RULE", "ISSUED", "ACCEPTED", "OVERRIDDEN", "ACCEPT", "RATE", "SUGGESTIONS",
+                                "TAKEN", "WITHHELD", "OVERRIDE", "REASONS"]
     assert set(lines[1]) == {"-", " "}
-    assert lines[2].split()[:5] == ["calciphylaxis-risk", "4", "1", "1", "25%"]
+    assert lines[2].split()[:7] == ["calciphylaxis-risk", "4", "1", "1", "25%", "1", "0"]
     assert lines[2].endswith("Already treated (1)")
-    assert lines[3].split() == ["short", "1", "0", "0", "0%", "-"]
+    assert lines[3].split() == ["short", "1", "0", "0", "0%", "0", "0", "-"]
     # The dash rule gives each column's span; numbers must end flush with their column.
     spans = [(m.start(), m.end()) for m in re.finditer(r"-+", lines[1])]
-    for line in lines[2:]:
-        for start, end in spans[1:5]:
+    for line in lines[2:4]:
+        for start, end in spans[1:7]:
             assert line[end - 1] != " " and (start == 0 or line[start - 1] == " ")
 
 
