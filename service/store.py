@@ -474,9 +474,9 @@ class Store:
         replaces) that rule's snooze for the card's patient, in the same transaction.
         """
         received = _utc_text(received_at)
-        stored: list[StoredFeedback] = []
-        with self._write() as cursor:
-            cards: dict[str, tuple | None] = {}
+        # Card lookups run before the write transaction, so the write lock is held for the inserts only.
+        cards: dict[str, tuple | None] = {}
+        with self._read() as cursor:
             for card in dict.fromkeys(item.card for item in items):
                 # Matching on service_id too: a card from another service is not "known" here.
                 cursor.execute(
@@ -487,49 +487,53 @@ class Store:
                     (card, service_id),
                 )
                 cards[card] = cursor.fetchone()
-            for item in items:
-                issued = cards[item.card]
-                rule_id = issued[0] if issued else None
-                offered = None
-                if issued is not None and item.override_reason_code:
-                    reasons = {tuple(pair) for pair in json.loads(issued[3] or "[]")}
-                    offered = (item.override_reason_system, item.override_reason_code) in reasons
-                feedback_id = str(uuid.uuid4())
-                cursor.execute(
-                    self._sql(_INSERT_FEEDBACK),
-                    (
-                        feedback_id, service_id, item.card, rule_id, int(rule_id is not None),
-                        item.outcome, json.dumps(list(item.accepted_suggestions)),
-                        item.override_reason_code, item.override_reason_system,
-                        item.override_reason_display, int(bool(item.user_comment)),
-                        _utc_text(item.outcome_timestamp), received,
-                        None if offered is None else int(offered),
-                    ),
+        stored: list[StoredFeedback] = []
+        rows = []
+        snoozes: dict[tuple[str, str], Snooze] = {}  # the last item for a rule and patient decides
+        for item in items:
+            issued = cards[item.card]
+            rule_id = issued[0] if issued else None
+            offered = None
+            if issued is not None and item.override_reason_code:
+                reasons = {tuple(pair) for pair in json.loads(issued[3] or "[]")}
+                offered = (item.override_reason_system, item.override_reason_code) in reasons
+            feedback_id = str(uuid.uuid4())
+            rows.append((
+                feedback_id, service_id, item.card, rule_id, int(rule_id is not None),
+                item.outcome, json.dumps(list(item.accepted_suggestions)),
+                item.override_reason_code, item.override_reason_system,
+                item.override_reason_display, int(bool(item.user_comment)),
+                _utc_text(item.outcome_timestamp), received,
+                None if offered is None else int(offered),
+            ))
+            snooze = None
+            if item.outcome == "overridden" and offered and issued[1] and snooze_policy is not None:
+                length = snooze_policy(rule_id, item.override_reason_code)
+                if length is not None:
+                    snooze = Snooze(service_id, rule_id, issued[1], item.override_reason_code, issued[4],
+                                    issued[2] or "", issued[5], received_at, received_at + length)
+                    snoozes[(rule_id, issued[1])] = snooze
+            stored.append(
+                StoredFeedback(
+                    feedback_id=feedback_id,
+                    card=item.card,
+                    outcome=item.outcome,
+                    rule_id=rule_id,
+                    known_card=rule_id is not None,
+                    outcome_timestamp=item.outcome_timestamp,
+                    received_at=received_at,
+                    reason_offered=offered,
+                    snooze=snooze,
                 )
-                snooze = None
-                if item.outcome == "overridden" and offered and issued[1] and snooze_policy is not None:
-                    length = snooze_policy(rule_id, item.override_reason_code)
-                    if length is not None:
-                        snooze = Snooze(service_id, rule_id, issued[1], item.override_reason_code, issued[4],
-                                        issued[2] or "", issued[5], received_at, received_at + length)
-                        cursor.execute(
-                            self._sql(_UPSERT_SNOOZE),
-                            (service_id, rule_id, snooze.patient_key, snooze.reason, snooze.indicator,
-                             snooze.rule_fingerprint, snooze.hook_instance, received, _utc_text(snooze.until)),
-                        )
-                stored.append(
-                    StoredFeedback(
-                        feedback_id=feedback_id,
-                        card=item.card,
-                        outcome=item.outcome,
-                        rule_id=rule_id,
-                        known_card=rule_id is not None,
-                        outcome_timestamp=item.outcome_timestamp,
-                        received_at=received_at,
-                        reason_offered=offered,
-                        snooze=snooze,
-                    )
-                )
+            )
+        with self._write() as cursor:
+            cursor.executemany(self._sql(_INSERT_FEEDBACK), rows)
+            if snoozes:
+                cursor.executemany(self._sql(_UPSERT_SNOOZE), [
+                    (service_id, s.rule_id, s.patient_key, s.reason, s.indicator, s.rule_fingerprint,
+                     s.hook_instance, received, _utc_text(s.until))
+                    for s in snoozes.values()
+                ])
         return stored
 
     # --- snoozes ---------------------------------------------------------------------------------
