@@ -20,7 +20,9 @@ install: $(VENV)/.installed
 ## Serve on http://127.0.0.1:$(PORT) with the embedded defaults. Auth is disabled for local demos
 ## only while no CDS_TRUSTED_ISSUERS is set; with it, auth is on unless CDS_AUTH=disabled is explicit.
 run: install
-	$(if $(CDS_TRUSTED_ISSUERS),,CDS_AUTH=$${CDS_AUTH:-disabled}) $(BIN)/gunicorn --config gunicorn.conf.py --bind 127.0.0.1:$(PORT) 'service:create_app()'
+	@# The store names patients by keyed hash: a local key is made once under data/ (production sets CDS_PATIENT_KEY).
+	@mkdir -p data && [ -s data/patient-key ] || (umask 077 && $(BIN)/python -c 'import secrets; print(secrets.token_hex(32))' > data/patient-key)
+	CDS_PATIENT_KEY=$${CDS_PATIENT_KEY:-$$(cat data/patient-key)} $(if $(CDS_TRUSTED_ISSUERS),,CDS_AUTH=$${CDS_AUTH:-disabled}) $(BIN)/gunicorn --config gunicorn.conf.py --bind 127.0.0.1:$(PORT) 'service:create_app()'
 
 ## Install and run the whole test suite.
 test: install

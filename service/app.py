@@ -17,7 +17,8 @@ from werkzeug.exceptions import HTTPException
 from . import config as config_module
 from . import logs, metrics
 from .bounded_http import bounded_session, origin, parse_origin
-from .store import Store
+from .identity import patient_secret
+from .store import Store, patient_key
 from .errors import BadRequest, ServiceError, ServiceUnavailable, Unauthorized
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,9 @@ class Calcinosis:
             self.fhir_servers = tuple(parse_origin(o) for o in str(app.config["FHIR_SERVERS"]).split(",") if o.strip())
         except ValueError as exc:
             raise SystemExit(f"CDS_FHIR_SERVERS: {exc}") from None
+        self._patient_secret = patient_secret(
+            str(app.config["PATIENT_KEY"]), app.config["PATIENT_KEY_FILE"], required=not self.auth_disabled
+        )
         self.authenticator = None if self.auth_disabled else self._authenticator(app.config)
         self.fhir_servers_unrestricted = self._warn_if_fhir_servers_unrestricted()
         self.rules.listeners.append(lambda ok: metrics.RULE_RELOADS.labels("ok" if ok else "refused").inc())
@@ -136,18 +140,29 @@ class Calcinosis:
             raise Unauthorized("a valid CDS client JWT is required", code=MISSING_TOKEN if exc.code == MISSING_TOKEN else "invalid_token") from None
         g.cds_client = claims.get("iss")
 
-    def cards_issued(self, hook_instance: str, service_id: str, cards: list[dict], rule_ids: list[str]) -> None:
-        """Record issued cards (ids and rule only, no patient data) so feedback can be tied to rules."""
+    def patient_key(self, patient_id: str, fhir_server: str | None = None) -> str:
+        """The keyed hash that stands for this patient in the store."""
+        return patient_key(self._patient_secret, patient_id, fhir_server)
+
+    def cards_issued(
+        self, hook_instance: str, service_id: str, cards: list[dict], rule_ids: list[str],
+        patient_key: str | None = None, fingerprints: list[str] | None = None,
+    ) -> None:
+        """Record issued cards (ids, rule, offered reasons; the patient only as a keyed hash) for feedback."""
         from service.store import IssuedCard
 
         issued = [
-            IssuedCard(card["uuid"], rule_id, card["indicator"], tuple(s["uuid"] for s in card.get("suggestions", ())))
-            for card, rule_id in zip(cards, rule_ids)
+            IssuedCard(
+                card["uuid"], rule_id, card["indicator"], tuple(s["uuid"] for s in card.get("suggestions", ())),
+                tuple((r.get("system", ""), r["code"]) for r in card.get("overrideReasons", ())),
+                fingerprint,
+            )
+            for card, rule_id, fingerprint in zip(cards, rule_ids, fingerprints or [""] * len(cards))
         ]
         for card in issued:
             metrics.CARDS.labels(card.rule_id, card.indicator).inc()
         try:
-            self.store.record_cards(hook_instance, service_id, issued, self.now())
+            self.store.record_cards(hook_instance, service_id, issued, self.now(), patient_key)
         except Exception as exc:  # the clinician still gets the cards; only feedback attribution is lost
             metrics.CARD_RECORD_FAILURES.inc()
             log.error(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 from .config import PROJECT_ROOT, from_environment
@@ -141,13 +141,15 @@ def _shown(value: object) -> str:
     return str(value)
 
 
-def explain_text(result) -> str:
+def explain_text(result, snoozed: dict | None = None) -> str:
     """Say, for each rule, whether it fired and why; then every value the rules read."""
     evaluation, case = result.evaluation, result.case
     evaluator = evaluation.evaluator
+    snoozed = snoozed or {}
     lines = [f"{case.name}: patient {case.patient_id or '(unknown)'}, evaluated at {evaluator.now.isoformat()}", ""]
     for finding in evaluation.findings:
-        state = "FIRED" if finding.fired else (f"SUPPRESSED by {finding.suppressed_by}" if finding.suppressed_by else ("not fired (unknown)" if finding.result is None else "not fired"))
+        snooze = snoozed.get(finding.rule.id)
+        state = f"fired, withheld by snooze until {snooze.until.date().isoformat()} ({snooze.reason})" if finding.fired and snooze else "FIRED" if finding.fired else (f"SUPPRESSED by {finding.suppressed_by}" if finding.suppressed_by else ("not fired (unknown)" if finding.result is None else "not fired"))
         lines.append(f"{finding.rule.id}: {state}")
         lines += _trace_lines(finding.trace, evaluator)
         lines.append("")
@@ -172,7 +174,7 @@ def explain_text(result) -> str:
 
 def cmd_explain(args) -> int:
     """Evaluate one bundle or hook request and print the full trace."""
-    from service.harness import InputError, load_cases, run_case
+    from service.harness import InputError, load_cases
 
     ruleset = _load(args)
     try:
@@ -180,18 +182,59 @@ def cmd_explain(args) -> int:
     except InputError as exc:
         print(exc, file=sys.stderr)
         return 2
-    for case in cases:
-        result = run_case(ruleset, case, _when(args.now))
-        if args.json:
-            print(json.dumps({
-                "patient": case.patient_id,
-                "evaluated_at": result.evaluation.evaluator.now.isoformat(),
-                "rules": [{"id": f.rule.id, "fired": f.fired, "result": f.result, "suppressed_by": f.suppressed_by, "trace": f.trace} for f in result.evaluation.findings],
-                "invalid_resources": result.record.invalid,
-            }, indent=2, default=str))
-        else:
-            print(explain_text(result))
+    store = None
+    if args.database:
+        from service.store import Store
+
+        store = Store.from_url(args.database)
+    try:
+        for case in cases:
+            _explain_case(ruleset, case, args, store)
+    finally:
+        if store is not None:
+            store.close()
     return 0
+
+
+def _active_snoozes(ruleset, result, case, args, store) -> dict:
+    """Snoozes that would keep back a card this patient gets now: rule id -> Snooze."""
+    from service.engine.cards import render_card
+    from service.identity import patient_secret
+    from service.store import patient_key
+
+    config = from_environment()
+    # Read the key the service uses; never make a new one here (it would match nothing).
+    secret = patient_secret(str(config["PATIENT_KEY"]), config["PATIENT_KEY_FILE"],
+                            required=not Path(config["PATIENT_KEY_FILE"]).exists())
+    fhir_server = case.request.get("fhirServer") if isinstance(case.request, dict) else None
+    key = patient_key(secret, case.patient_id or "unknown", fhir_server)
+    fired = {f.rule.id: f for f in result.evaluation.findings if f.fired}
+    now = result.evaluation.evaluator.now
+    active = {}
+    for rule_id, snooze in store.snoozes_for(args.service, key, fired).items():
+        finding = fired[rule_id]
+        indicator = render_card(finding, result.evaluation.evaluator, ruleset).indicator
+        if snooze.ends_because(now, finding.rule.snooze_fingerprint, indicator) is None:
+            active[rule_id] = snooze
+    return active
+
+
+def _explain_case(ruleset, case, args, store) -> None:
+    from service.harness import run_case
+
+    result = run_case(ruleset, case, _when(args.now))
+    snoozed = _active_snoozes(ruleset, result, case, args, store) if store is not None else {}
+    if args.json:
+        print(json.dumps({
+            "patient": case.patient_id,
+            "evaluated_at": result.evaluation.evaluator.now.isoformat(),
+            "rules": [{"id": f.rule.id, "fired": f.fired, "result": f.result, "suppressed_by": f.suppressed_by,
+                       **({"withheld_by_snooze": {"until": snoozed[f.rule.id].until.isoformat(), "reason": snoozed[f.rule.id].reason}} if f.rule.id in snoozed else {}),
+                       "trace": f.trace} for f in result.evaluation.findings],
+            "invalid_resources": result.record.invalid,
+        }, indent=2, default=str))
+    else:
+        print(explain_text(result, snoozed))
 
 
 def rules_main(argv: list[str] | None = None) -> int:
@@ -208,6 +251,8 @@ def rules_main(argv: list[str] | None = None) -> int:
     explain.add_argument("file", help="a FHIR Bundle or CDS Hooks request (JSON)")
     explain.add_argument("--now", help="evaluate at this time (default: the bundle's timestamp, else now)")
     explain.add_argument("--json", action="store_true", help="machine-readable trace")
+    explain.add_argument("--database", help="store URL: also say which fired rules a snooze withholds for this patient")
+    explain.add_argument("--service", default="calcinosis-risk", help="CDS service id the snoozes belong to (with --database)")
     explain.set_defaults(func=cmd_explain)
     args = parser.parse_args(argv)
     return args.func(args)
@@ -220,21 +265,72 @@ def replay_main(argv: list[str] | None = None) -> int:
     return main(argv)
 
 
+def _since(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise SystemExit(f"--since {text!r}: expected an ISO 8601 date or date-time such as 2026-11-01") from None
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
 def feedback_main(argv: list[str] | None = None) -> int:
-    """`feedback report`: per rule, cards issued, accepted, overridden and why."""
+    """`feedback report` and `feedback snoozes list|clear` for operators and rule authors."""
+    from service import report as render
     from service.store import Store, format_report
 
     parser = argparse.ArgumentParser(prog="feedback", description="What clinicians did with the cards.")
+    parser.add_argument("--database", help="store URL (default: CDS_DATABASE_URL or the embedded SQLite file)")
     sub = parser.add_subparsers(dest="command", required=True)
-    report = sub.add_parser("report", help="per rule: cards issued, accepted, overridden, top override reasons")
-    report.add_argument("--database", help="store URL (default: CDS_DATABASE_URL or the embedded SQLite file)")
+    report = sub.add_parser("report", help="per rule: cards issued, accepted, overridden by reason, withheld by snooze")
+    # Accepted before or after the subcommand; SUPPRESS keeps an absent one from hiding the other.
+    report.add_argument("--database", default=argparse.SUPPRESS, help="store URL")
     report.add_argument("--service", help="only this CDS service id")
+    report.add_argument("--since", help="only cards issued, feedback received and cards withheld from this UTC date(-time) on")
+    report.add_argument("--format", choices=("text", "csv", "json"), default="text")
+    report.add_argument("--html", metavar="FILE", help="also write a page with a chart per rule over time")
+    snoozes = sub.add_parser("snoozes", help="see or lift the snoozes set by overridden feedback")
+    snoozes.add_argument("--database", default=argparse.SUPPRESS, help="store URL")
+    snoozes.add_argument("action", choices=("list", "clear"))
+    snoozes.add_argument("--rule", help="only this rule id")
+    snoozes.add_argument("--service", help="only this CDS service id")
     args = parser.parse_args(argv)
     store = Store.from_url(args.database or from_environment()["DATABASE_URL"])
     try:
-        print(format_report(store.report(args.service)))
+        if args.command == "snoozes":
+            return _snoozes(store, args)
+        since = _since(args.since)
+        rows = store.report(args.service, since)
+        print({"text": format_report, "csv": render.as_csv, "json": render.as_json}[args.format](rows).rstrip("\n"))
+        if args.html:
+            title = "Feedback report" + (f", service {args.service}" if args.service else "") + (f", since {args.since}" if args.since else "")
+            Path(args.html).write_text(render.as_html(rows, store.timeline(args.service, since), title), encoding="utf-8")
+            print(f"wrote {args.html}", file=sys.stderr)
     finally:
         store.close()
+    return 0
+
+
+def _snoozes(store, args) -> int:
+    """List snoozes (never a patient id: the hash is cut short) or lift them."""
+    import logging
+
+    from service import logs
+
+    if args.action == "list":
+        found = store.list_snoozes(args.rule, args.service)
+        for s in found:
+            print(f"{s.rule_id}  {s.service_id}  patient {s.patient_key[:12]}  {s.reason}  until {s.until.isoformat()}  (set {s.set_at.isoformat()})")
+        print(f"{len(found)} snooze(s)")
+        return 0
+    logs.configure(from_environment()["LOG_LEVEL"])
+    log = logging.getLogger("service.cli")
+    cleared = store.clear_snoozes(args.rule, args.service)
+    for s in cleared:
+        log.info("snooze lifted", extra={"event": "snooze_lifted", "service": s.service_id, "hookInstance": s.hook_instance,
+                                         "rule": s.rule_id, "reason": s.reason, "until": s.until.isoformat(), "cause": "cleared"})
+    print(f"lifted {len(cleared)} snooze(s)")
     return 0
 
 

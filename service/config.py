@@ -31,6 +31,10 @@ SETTINGS: dict[str, tuple[str, object]] = {
     "NOW": ("CDS_NOW", ""),
     "LOG_LEVEL": ("CDS_LOG_LEVEL", "INFO"),
     "ACCESS_LOG": ("CDS_ACCESS_LOG", True),
+    # Secret for the keyed hashes that stand for patients in the store. Required when client
+    # authentication is on; without auth (local demos) one is generated into PATIENT_KEY_FILE.
+    "PATIENT_KEY": ("CDS_PATIENT_KEY", ""),
+    "PATIENT_KEY_FILE": ("CDS_PATIENT_KEY_FILE", str(Path.cwd() / "data" / "patient-key")),
 }
 
 

@@ -14,6 +14,8 @@ FIXTURES = PROJECT_ROOT / "fixtures" / "fhir"
 RULES = PROJECT_ROOT / "rules"
 # Every scenario in fixtures/fhir/ is written for this moment (its Bundle.timestamp).
 SCENARIO_TIME = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+# The secret behind the store's patient hashes (CDS_PATIENT_KEY); production requires one.
+TEST_PATIENT_KEY = "test-patient-key-not-a-secret"
 
 
 def make_app(tmp_path: Path, **overrides):
@@ -27,6 +29,7 @@ def make_app(tmp_path: Path, **overrides):
         "RULES_POLL_SECONDS": 0,
         "DATABASE_URL": f"sqlite:///{tmp_path / 'store.db'}",
         "PUBLIC_BASE_URL": "https://cds.example.org",
+        "PATIENT_KEY": TEST_PATIENT_KEY,
     }
     config.update(overrides)
     return create_app(config)

@@ -2,7 +2,8 @@
 
 Every card gets a uuid, a summary under 140 characters, an indicator from the enum,
 a source with label, url and topic (code = rule id); suggestions get uuids and the
-card a selectionBehavior; optional fields are omitted rather than sent empty.
+card a selectionBehavior; the rule's override reasons go out as Coding objects;
+optional fields are omitted rather than sent empty.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ def to_cds_card(
     settings: Settings,
     documentation_url: Callable[[str], str],
     new_uuid: Callable[[], str],
+    override_reasons: list[dict] | None = None,
 ) -> dict:
     """Build one spec-true card."""
     assert content.indicator in INDICATORS and len(content.summary) < 140
@@ -62,6 +64,8 @@ def to_cds_card(
             "suggestions": suggestions,
             "selectionBehavior": (content.selection or "at-most-one") if suggestions else None,
             "links": links,
+            # CDS Hooks 2.0 Card.overrideReasons: Codings the client may offer when the card is dismissed.
+            "overrideReasons": override_reasons,
         }
     )
 

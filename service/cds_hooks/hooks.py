@@ -1,6 +1,7 @@
-"""Answer one hook call: request -> patient data -> rule engine -> cards."""
+"""Answer one hook call: request -> patient data -> rule engine -> cards, less any snoozed ones."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from service import metrics
@@ -13,6 +14,8 @@ from .prefetch import resolve
 from .request import parse_hook_request
 from .services import CdsService, prefetch_templates
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class Outcome:
@@ -24,6 +27,7 @@ class Outcome:
     unattributed_resources: int  # subject references that name no patient we can tell: dropped, counted
     incomplete: list[str]
     sources: dict[str, str]
+    withheld: list[str] | None = None  # rules whose card a snooze kept back
 
 
 def answer(service: CdsService, body: object, ext) -> Outcome:
@@ -41,18 +45,55 @@ def answer(service: CdsService, body: object, ext) -> Outcome:
     for resources in resolved.resources.values():
         record.add_all(resources)
     evaluation = evaluate(ruleset, record, ext.now())
+    rendered = [(finding.rule, render_card(finding, evaluation.evaluator, ruleset)) for finding in evaluation.fired]
+    patient = ext.patient_key(hook_request.patient_id, hook_request.fhir_server)
+    withheld = withhold_snoozed(ext, service.id, hook_request.hook_instance, patient, rendered) if rendered else set()
+    kept = [(rule, content) for rule, content in rendered if rule.id not in withheld]
     cards = [
         to_cds_card(
-            render_card(finding, evaluation.evaluator, ruleset),
+            content,
             patient_id=hook_request.patient_id,
             settings=ruleset.settings,
             documentation_url=ext.documentation_url,
             new_uuid=ext.new_uuid,
+            override_reasons=ruleset.settings.override_codings(rule.override_reasons),
         )
-        for finding in evaluation.fired
+        for rule, content in kept
     ]
-    rule_ids = [f.rule.id for f in evaluation.fired]
+    rule_ids = [rule.id for rule, _ in kept]
     if record.skipped:
         metrics.INVALID_RESOURCES.inc(record.skipped)
-    ext.cards_issued(hook_request.hook_instance, service.id, cards, rule_ids)
-    return Outcome(hook_request.hook_instance, cards, rule_ids, record.skipped, record.other_patient, record.unattributed, resolved.incomplete, resolved.sources)
+    ext.cards_issued(hook_request.hook_instance, service.id, cards, rule_ids, patient, [rule.snooze_fingerprint for rule, _ in kept])
+    return Outcome(
+        hook_request.hook_instance, cards, rule_ids, record.skipped, record.other_patient, record.unattributed,
+        resolved.incomplete, resolved.sources, sorted(withheld),
+    )
+
+
+def withhold_snoozed(ext, service_id: str, hook_instance: str, patient: str, rendered: list) -> set[str]:
+    """Return the ids of rules whose card a snooze keeps back; lift snoozes that no longer hold.
+
+    A snooze ends when it expires, when the rule's `when` or card changed since the
+    overridden card, or when the rule now raises a card with a higher indicator.
+    """
+    snoozes = ext.store.snoozes_for(service_id, patient, [rule.id for rule, _ in rendered])
+    if not snoozes:
+        return set()
+    now = ext.now()
+    withheld, applied = set(), []
+    for rule, content in rendered:
+        snooze = snoozes.get(rule.id)
+        if snooze is None:
+            continue
+        cause = snooze.ends_because(now, rule.snooze_fingerprint, content.indicator)
+        fields = {"hookInstance": hook_instance, "service": service_id, "rule": rule.id, "reason": snooze.reason, "until": snooze.until.isoformat()}
+        if cause is not None:
+            ext.store.lift_snooze(snooze)
+            log.info("snooze lifted", extra={"event": "snooze_lifted", **fields, "cause": cause})
+            continue
+        withheld.add(rule.id)
+        applied.append(snooze)
+        metrics.WITHHELD_BY_SNOOZE.labels(rule.id).inc()
+        log.info("snooze applied", extra={"event": "snooze_applied", **fields})
+    ext.store.record_withheld(service_id, hook_instance, applied, now)
+    return withheld

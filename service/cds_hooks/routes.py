@@ -122,11 +122,30 @@ def feedback(service_id: str) -> Response:
     except FeedbackError as exc:
         details = {k: v for k, v in (("index", exc.index), ("field", exc.field)) if v is not None}
         raise BadRequest(str(exc), code=exc.code, **details) from None
-    stored = ext.store.add_feedback(service_id, items, ext.now())
+    stored = ext.store.add_feedback(service_id, items, ext.now(), snooze_policy=_snooze_policy(ext.rules.current))
     unknown = [s.card for s in stored if not s.known_card]
+    not_offered = [s.card for s in stored if s.reason_offered is False]
+    for s in stored:
+        if s.snooze is not None:
+            log.info("snooze set", extra={"event": "snooze_set", "service": service_id, "hookInstance": s.snooze.hook_instance,
+                                          "rule": s.snooze.rule_id, "reason": s.snooze.reason, "until": s.snooze.until.isoformat()})
     log.info(
         "feedback stored",
         extra={"event": "feedback_stored", "service": service_id, "items": len(stored), "unknown_cards": len(unknown),
-               "outcomes": [s.outcome for s in stored], "rules": sorted({s.rule_id for s in stored if s.rule_id})},
+               "outcomes": [s.outcome for s in stored], "rules": sorted({s.rule_id for s in stored if s.rule_id}),
+               "reasons_not_offered": len(not_offered)},
     )
-    return json_response({"stored": len(stored), "unknownCards": unknown})
+    body = {"stored": len(stored), "unknownCards": unknown}
+    if not_offered:
+        # Kept and counted like any other feedback; the client learns which reasons we did not offer.
+        body["reasonsNotOffered"] = not_offered
+    return json_response(body)
+
+
+def _snooze_policy(ruleset):
+    """rule id, reason code -> how long that rule's card stays away, from the loaded rules."""
+    def policy(rule_id: str, code: str):
+        rule = ruleset.rule(rule_id)
+        return rule.snooze.get(code) if rule is not None else None
+
+    return policy

@@ -12,6 +12,7 @@ from .model import Action, Link, RuleSet, Suggestion
 from .templates import escape_markdown, format_number
 
 SUMMARY_LIMIT = 139  # CDS Hooks: "<140-character summary"
+_RANK = {"info": 0, "warning": 1, "critical": 2}
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,11 @@ def render_card(finding: Finding, evaluator: Evaluator, ruleset: RuleSet) -> Car
         summary = summary[: SUMMARY_LIMIT - 1] + "…"
     # "Values used" lists what decided the card and what the lines and actions shown read.
     read = list(rule.evidence_facts)
+    indicator = card.indicator
+    for level, when, facts in card.escalate:  # the loader keeps only levels above the card's own
+        if evaluator.test(when)[0] is True and _RANK[level] > _RANK[indicator]:
+            indicator = level
+            read += facts
     lines = []
     for line in card.detail:
         if line.when is None or evaluator.test(line.when)[0] is True:
@@ -55,7 +61,7 @@ def render_card(finding: Finding, evaluator: Evaluator, ruleset: RuleSet) -> Car
     return CardContent(
         rule_id=rule.id,
         rule_title=rule.title,
-        indicator=card.indicator,
+        indicator=indicator,
         summary=summary,
         detail=_markdown(lines),
         source_label=card.source_label or ruleset.settings.source_label,

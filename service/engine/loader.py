@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,7 +25,8 @@ from .durations import DurationError, parse_duration
 from .logic import ALL_OPERATORS, NUMERIC_OPERATORS, PRESENCE_OPERATORS
 from .model import (
     Action, AllOf, AnyOf, CardSpec, ConditionFact, DefinitionFact, DetailLine, Expr, Fact, Leaf, Link,
-    NotOf, ObservationFact, PatientFact, ProcedureFact, ProductFact, Rule, RuleSet, Settings, Suggestion, SustainedFact,
+    NotOf, ObservationFact, OverrideReason, PatientFact, ProcedureFact, ProductFact, Rule, RuleSet, Settings,
+    Suggestion, SustainedFact,
     facts_in,
 )
 from .templates import Placeholder, Template, TemplateError
@@ -32,6 +34,7 @@ from .units import ANALYTES
 from .valuesets import ICD10CM, CodeIndex, ValueSet, normalise_code
 
 SUMMARY_MAX = 139
+INDICATOR_RANK = {"info": 0, "warning": 1, "critical": 2}
 OPERATORS_BY_KIND = {
     "number": set(NUMERIC_OPERATORS) | PRESENCE_OPERATORS,
     "condition": set(PRESENCE_OPERATORS),
@@ -109,6 +112,7 @@ class _Loader:
         # Names whose own definition already has an error: uses of them are not reported again.
         self.broken_facts: set[str] = set()
         self.broken_rules: set[str] = set()
+        self.settings: Settings | None = None
 
     # --- reporting -------------------------------------------------------------------------
 
@@ -154,7 +158,7 @@ class _Loader:
     def load(self) -> RuleSet:
         if not self.root.is_dir():
             raise RuleSetError([RuleError(str(self.root), "", "rules folder not found")])
-        settings = self.load_settings()
+        settings = self.settings = self.load_settings()
         for path in sorted((self.root / "valuesets").glob("*.y*ml")):
             self.load_valueset(path)
         facts_path = self.root / "facts.yaml"
@@ -210,7 +214,15 @@ class _Loader:
             except (KeyError, IndexError, ValueError):
                 self.error(file, ("documentation_url",), "the only placeholder allowed is {rule_id}")
                 return None
-        return Settings(data["topic_system"], data["source_label"], data.get("disclaimer", ""), url)
+        system, reasons = None, ()
+        if "override_reasons" in data:
+            system = data["override_reasons"]["system"]
+            reasons = tuple(OverrideReason(r["code"], r["display"]) for r in data["override_reasons"]["reasons"])
+            codes = [r.code for r in reasons]
+            for i, code in enumerate(codes):
+                if code in codes[:i]:
+                    self.error(file, ("override_reasons", "reasons", i, "code"), f"override reason '{code}' is listed twice")
+        return Settings(data["topic_system"], data["source_label"], data.get("disclaimer", ""), url, system, reasons)
 
     def load_valueset(self, path: Path) -> None:
         file = self.open(path)
@@ -453,6 +465,8 @@ class _Loader:
             self.error(file, ("tests",), "rule files no longer list fixtures: write each scenario's `expect: [rule ids]` beside its reason in fixtures/fhir/scenarios.yaml", rule_id)
         when = self.expr(file, ("when",), doc["when"], rule_id)
         card = self.build_card(file, doc["card"], rule_id)
+        reasons = self.override_reasons(file, doc, rule_id)
+        snooze = self.snooze(file, doc, reasons, rule_id)
         if len(self.errors) > before or when is None or card is None:
             return None
         evidence = self._expanded(facts_in(when) + card.summary.fact_names)
@@ -466,7 +480,46 @@ class _Loader:
             suppresses=tuple(doc.get("suppresses", ())),
             evidence_facts=tuple(evidence),
             file=file.name,
+            override_reasons=reasons,
+            snooze=snooze,
+            snooze_fingerprint=rule_fingerprint(doc),
         )
+
+    def override_reasons(self, file: _File, doc: dict, rule: str) -> tuple[str, ...]:
+        """The reason codes this rule's cards offer: all of settings' list, or the rule's narrower one."""
+        offered = tuple(r.code for r in self.settings.override_reasons) if self.settings else ()
+        if "override_reasons" not in doc:
+            return offered
+        if self.settings is None:
+            return ()  # settings.yaml has its own error
+        chosen: list[str] = []
+        for i, code in enumerate(doc["override_reasons"]):
+            if code in chosen:
+                self.error(file, ("override_reasons", i), f"override reason '{code}' is listed twice", rule)
+            elif code not in offered:
+                close = difflib.get_close_matches(code, offered, n=1)
+                known = f"did you mean '{close[0]}'?" if close else f"settings.yaml declares: {', '.join(offered) or 'none'}"
+                self.error(file, ("override_reasons", i), f"unknown override reason '{code}' ({known})", rule)
+            else:
+                chosen.append(code)
+        return tuple(chosen)
+
+    def snooze(self, file: _File, doc: dict, offered: tuple[str, ...], rule: str) -> dict:
+        """Override reason -> how long overridden feedback with it keeps the card away."""
+        snooze: dict = {}
+        if self.settings is None:
+            return snooze  # settings.yaml has its own error; its reasons are unknown
+        for code, text in doc.get("snooze", {}).items():
+            path = ("snooze", code)
+            if code not in offered:
+                self.error(file, path, f"'{code}' is not one of this rule's override reasons ({', '.join(offered) or 'none'})", rule)
+                continue
+            duration = self.duration(file, path, text, rule)
+            if duration is not None and duration.total_seconds() <= 0:
+                self.error(file, path, f"a snooze must last longer than zero, got {text!r}", rule)
+            elif duration is not None:
+                snooze[code] = duration
+        return snooze
 
     def _expanded(self, names: list[str]) -> tuple[str, ...]:
         """The non-definition facts behind `names`, definitions broken down, in order."""
@@ -530,9 +583,18 @@ class _Loader:
         suggestions = tuple(self.suggestion(file, ("card", "suggestions", i), s, rule) for i, s in enumerate(card.get("suggestions", ())))
         source = card.get("source", {})
         links = tuple(Link(l["label"], l["url"], l.get("type", "absolute")) for l in card.get("links", ()))
+        escalate = []
+        for i, step in enumerate(card.get("escalate", ())):
+            path = ("card", "escalate", i)
+            if INDICATOR_RANK[step["indicator"]] <= INDICATOR_RANK[card["indicator"]]:
+                self.error(file, path + ("indicator",), f"'{step['indicator']}' is not above the card's indicator '{card['indicator']}'", rule)
+                continue
+            when = self.expr(file, path + ("when",), step["when"], rule)
+            if when is not None:
+                escalate.append((step["indicator"], when, self._expanded(facts_in(when))))
         if summary is None or any(s is None for s in suggestions):
             return None
-        return CardSpec(card["indicator"], summary, tuple(detail), source.get("label"), source.get("url"), links, suggestions, card.get("selection"))  # type: ignore[arg-type]
+        return CardSpec(card["indicator"], summary, tuple(detail), source.get("label"), source.get("url"), links, suggestions, card.get("selection"), tuple(escalate))  # type: ignore[arg-type]
 
     def suggestion(self, file: _File, path: tuple, data: dict, rule: str) -> Suggestion | None:
         actions = []
@@ -657,6 +719,12 @@ def fingerprint(root: Path) -> str:
         digest.update(str(path.relative_to(root)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def rule_fingerprint(doc: dict) -> str:
+    """Hash what a rule decides and says (`when` and `card`), not its tests, sources or snooze times."""
+    text = json.dumps({"when": doc["when"], "card": doc["card"]}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def file_signature(root: Path) -> tuple:

@@ -198,6 +198,8 @@ class CardSpec:
     links: tuple[Link, ...]
     suggestions: tuple[Suggestion, ...]
     selection: str | None
+    # (indicator, condition, facts it reads): the card takes the highest indicator whose condition holds.
+    escalate: tuple[tuple[str, Expr, tuple[str, ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -211,6 +213,10 @@ class Rule:
     suppresses: tuple[str, ...]
     evidence_facts: tuple[str, ...]  # facts that decide the rule (its `when`) or its summary
     file: str
+    override_reasons: tuple[str, ...] = ()  # codes offered on the card (settings' list, or the rule's narrower one)
+    snooze: dict[str, timedelta] = field(default_factory=dict)  # override reason code -> how long the card stays quiet
+    # Hash of the rule's `when` and `card`: a snooze set against one version ends when either is edited.
+    snooze_fingerprint: str = ""
 
     @property
     def facts_read(self) -> tuple[str, ...]:
@@ -218,7 +224,16 @@ class Rule:
         names = list(self.evidence_facts)
         names += [n for line in self.card.detail for n in line.facts]
         names += [n for s in self.card.suggestions for a in s.actions for n in a.facts]
+        names += [n for _, _, facts in self.card.escalate for n in facts]
         return tuple(dict.fromkeys(names))
+
+
+@dataclass(frozen=True)
+class OverrideReason:
+    """A reason a clinician may give for dismissing a card: a Coding under the settings' system."""
+
+    code: str
+    display: str
 
 
 @dataclass(frozen=True)
@@ -227,6 +242,16 @@ class Settings:
     source_label: str
     disclaimer: str
     documentation_url: str | None  # with {rule_id}; None = served by this service at /rules/{rule_id}
+    override_system: str | None = None
+    override_reasons: tuple[OverrideReason, ...] = ()
+
+    def override_codings(self, codes: tuple[str, ...]) -> list[dict]:
+        """CDS Hooks Coding objects for these reason codes, in the settings' order."""
+        wanted = set(codes)
+        return [
+            {"system": self.override_system, "code": r.code, "display": r.display}
+            for r in self.override_reasons if r.code in wanted
+        ]
 
 
 @dataclass(frozen=True, eq=False)  # identity: one loaded set is one value (and hashable for caches)

@@ -15,6 +15,21 @@ SETTINGS = {
     "source_label": {**_string, "required": True},
     "disclaimer": {"type": "string"},
     "documentation_url": {**_string, "regex": URL},
+    "override_reasons": {
+        "type": "dict",
+        "schema": {
+            "system": {**_string, "required": True, "regex": r"^(https?|urn):\S+$"},
+            "reasons": {
+                "type": "list",
+                "required": True,
+                "minlength": 1,
+                "schema": {
+                    "type": "dict",
+                    "schema": {"code": {**_string, "required": True, "regex": ID}, "display": {**_string, "required": True}},
+                },
+            },
+        },
+    },
 }
 
 VALUESET = {
@@ -103,6 +118,16 @@ CARD = {
         },
     },
     "selection": {"type": "string", "allowed": ["at-most-one", "any"]},
+    "escalate": {
+        "type": "list",
+        "schema": {
+            "type": "dict",
+            "schema": {
+                "indicator": {"type": "string", "required": True, "allowed": ["warning", "critical"]},
+                "when": {"type": "dict", "required": True},
+            },
+        },
+    },
     "suggestions": {
         "type": "list",
         "schema": {
@@ -126,5 +151,7 @@ RULE = {
     "suppresses": _strings,
     "card": {"type": "dict", "required": True, "schema": CARD},
     "tests": {},  # no longer read: the loader says where expectations live now
+    "override_reasons": {"type": "list", "minlength": 1, "schema": {**_string, "regex": ID}},
+    "snooze": {"type": "dict", "keysrules": {"type": "string", "regex": ID}, "valuesrules": {"type": "string", "empty": False}},
 }
 DETAIL_LINE = {"text": {**_string, "required": True}, "when": {"type": "dict", "required": True}}

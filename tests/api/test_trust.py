@@ -169,7 +169,8 @@ def test_feedback_is_tied_to_the_rule_and_survives_a_restart(tmp_path):
     ]}
     response = app.test_client().post(URL + "/feedback", json=body)
     assert response.status_code == 200
-    assert response.json == {"stored": 3, "unknownCards": ["never-issued"]}
+    # "aware" under urn:x is not one of the card's overrideReasons: stored, and named back.
+    assert response.json == {"stored": 3, "unknownCards": ["never-issued"], "reasonsNotOffered": [risk["uuid"]]}
     restarted = make_app(tmp_path)
     report = {r.rule_id: r for r in restarted.extensions["calcinosis"].store.report()}
     assert report["calciphylaxis-workup"].accepted == 1

@@ -5,6 +5,7 @@ SIGHUP with a broken rule set, which must leave the last good set serving.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -19,7 +20,7 @@ import requests
 
 from service.engine.loader import load_ruleset
 from service.harness import load_expectations
-from tests.conftest import FIXTURES, RULES
+from tests.conftest import FIXTURES, RULES, TEST_PATIENT_KEY
 from tests.requests_builder import request_with_prefetch
 
 ROOT = RULES.parent
@@ -38,6 +39,7 @@ def start(tmp_path, rules_dir) -> tuple[subprocess.Popen, str]:
     env = dict(
         os.environ,
         CDS_AUTH="disabled",
+        CDS_PATIENT_KEY=TEST_PATIENT_KEY,
         CDS_RULES_DIR=str(rules_dir),
         CDS_DATABASE_URL=f"sqlite:///{tmp_path / 'store.db'}",
         CDS_NOW="2026-11-01T12:00:00Z",
@@ -138,3 +140,34 @@ def test_sighup_with_a_broken_rule_set_keeps_the_last_good_set(served):
     assert requests.post(base + "/cds-services/calcinosis-risk", json=body, timeout=10).json() == {"cards": []}
     status = requests.get(base + "/status", timeout=5).json()["rules"]
     assert any("calciphylaxis-risk.yaml" in e for e in status["last_reload_errors"])
+
+
+def test_a_snooze_holds_on_both_workers_and_after_a_restart(served, tmp_path):
+    process, base, rules = served
+    body = request_with_prefetch("esrd-dialysis-high-product.json")
+    risk = next(c for c in requests.post(base + "/cds-services/calcinosis-risk", json=body, timeout=10).json()["cards"]
+                if c["source"]["topic"]["code"] == "calciphylaxis-risk")
+    feedback = {"feedback": [{"card": risk["uuid"], "outcome": "overridden", "outcomeTimestamp": "2026-11-01T12:01:00Z",
+                              "overrideReason": {"reason": {"system": "urn:calcinosis-cds:override-reason", "code": "already-addressed"}}}]}
+    assert requests.post(base + "/cds-services/calcinosis-risk/feedback", json=feedback, timeout=10).json()["stored"] == 1
+
+    def rules_fired(_: int) -> set[str]:
+        answer = requests.post(base + "/cds-services/calcinosis-risk", json=body, timeout=10).json()
+        return {c["source"]["topic"]["code"] for c in answer["cards"]}
+
+    # Sync workers answer one request at a time: four at once keep both of them busy.
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(rules_fired, range(16)))
+    assert all("calciphylaxis-risk" not in fired for fired in answers)
+    log = (tmp_path / "gunicorn.log").read_text()
+    pids = {json.loads(line).get("pid") for line in log.splitlines() if '"snooze_applied"' in line}
+    assert len(pids) == 2  # both workers withheld the card
+
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=15)
+    restarted, base = start(tmp_path, rules)
+    try:
+        assert "calciphylaxis-risk" not in rules_fired(0)
+    finally:
+        restarted.send_signal(signal.SIGTERM)
+        restarted.wait(timeout=15)

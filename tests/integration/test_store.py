@@ -22,6 +22,7 @@ import pytest
 from service.cds_hooks.feedback import FeedbackItem
 from service.store import (
     SCHEMA_VERSION,
+    Snooze,
     UNKNOWN_CARD_ROW,
     IssuedCard,
     RuleReport,
@@ -62,7 +63,7 @@ def store_url(request, tmp_path: Path) -> str:
     import psycopg
 
     with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
-        for table in ("feedback", "issued_cards", "seen_jti", "schema_version"):
+        for table in ("feedback", "issued_cards", "seen_jti", "snoozes", "withheld_cards", "schema_version"):
             conn.execute(f"DROP TABLE IF EXISTS {table}")
     return POSTGRES_URL
 
@@ -315,7 +316,9 @@ def test_report_counts_cards_outcomes_and_top_three_override_reasons(store):
         ("(comment only)", 1),
         ("(no reason given)", 1),
     )
-    assert rows["calcinosis-workup"] == RuleReport("calcinosis-workup", 2, 1, 0, 1, ())
+    # The full list keeps the reasons that the top three leave out.
+    assert len(risk.override_reasons) == 5 and risk.override_reasons[-1] == ("zz-other", 1)
+    assert rows["calcinosis-workup"] == RuleReport("calcinosis-workup", 2, 1, 0, 1, (), suggestions_taken=1)
     ghost = rows[UNKNOWN_CARD_ROW]
     assert (ghost.cards_issued, ghost.overridden, ghost.top_override_reasons) == (0, 1, (("pt-declined", 1),))
 
@@ -332,16 +335,16 @@ def test_format_report_renders_an_aligned_table(store):
     issue(store, "short", "e")
     store.add_feedback(SERVICE, [accepted("a"), overridden("b", code="x", display="Already treated")], NOW)
     lines = format_report(store.report()).splitlines()
-    assert lines[0].split() == ["RULE", "ISSUED", "ACCEPTED", "OVERRIDDEN", "ACCEPT", "RATE", "TOP",
-                                "OVERRIDE", "REASONS"]
+    assert lines[0].split() == ["RULE", "ISSUED", "ACCEPTED", "OVERRIDDEN", "ACCEPT", "RATE", "SUGGESTIONS",
+                                "TAKEN", "WITHHELD", "OVERRIDE", "REASONS"]
     assert set(lines[1]) == {"-", " "}
-    assert lines[2].split()[:5] == ["calciphylaxis-risk", "4", "1", "1", "25%"]
+    assert lines[2].split()[:7] == ["calciphylaxis-risk", "4", "1", "1", "25%", "1", "0"]
     assert lines[2].endswith("Already treated (1)")
-    assert lines[3].split() == ["short", "1", "0", "0", "0%", "-"]
+    assert lines[3].split() == ["short", "1", "0", "0", "0%", "0", "0", "-"]
     # The dash rule gives each column's span; numbers must end flush with their column.
     spans = [(m.start(), m.end()) for m in re.finditer(r"-+", lines[1])]
-    for line in lines[2:]:
-        for start, end in spans[1:5]:
+    for line in lines[2:4]:
+        for start, end in spans[1:7]:
             assert line[end - 1] != " " and (start == 0 or line[start - 1] == " ")
 
 
@@ -373,3 +376,110 @@ def test_memory_and_unsupported_urls_are_refused_without_echoing_credentials():
 def test_postgres_url_without_psycopg_says_how_to_install_it():
     with pytest.raises(StoreError, match=r"pip install 'calcinosis-cds\[postgres\]'"):
         Store.from_url("postgresql://cds:secret@localhost/cds")
+
+
+# --- snoozes --------------------------------------------------------------------------------------
+
+REASON_SYSTEM = "urn:calcinosis-cds:override-reason"
+PATIENT = "a" * 64  # a keyed hash, as the service stores it
+
+
+def snooze_30_days(rule_id: str, code: str) -> timedelta | None:
+    return timedelta(days=30) if code == "already-addressed" else None
+
+
+def issue_for_patient(store: Store, card: str, patient: str = PATIENT, fingerprint: str = "fp-1") -> None:
+    offered = ((REASON_SYSTEM, "already-addressed"), (REASON_SYSTEM, "data-incorrect"))
+    store.record_cards("hook-1", SERVICE, [IssuedCard(card, "r1", "warning", (), offered, fingerprint)], NOW, patient)
+
+
+def dismissed(card: str, code: str, system: str = REASON_SYSTEM) -> FeedbackItem:
+    return FeedbackItem(card, "overridden", (), code, system, None, None, NOW)
+
+
+def test_overridden_feedback_with_a_snoozing_reason_sets_a_snooze_other_stores_see(store_url, store):
+    issue_for_patient(store, "card-a")
+    [stored] = store.add_feedback(SERVICE, [dismissed("card-a", "already-addressed")], NOW, snooze_30_days)
+    assert stored.reason_offered is True
+    assert stored.snooze == Snooze(SERVICE, "r1", PATIENT, "already-addressed", "warning", "fp-1", "hook-1", NOW, NOW + timedelta(days=30))
+    with Store.from_url(store_url) as other:  # another worker, or the service after a restart
+        assert other.snoozes_for(SERVICE, PATIENT, ["r1", "r2"]) == {"r1": stored.snooze}
+        assert other.snoozes_for(SERVICE, "b" * 64, ["r1"]) == {}
+        assert other.snoozes_for("other-service", PATIENT, ["r1"]) == {}
+
+
+def test_a_reason_without_a_snooze_or_not_offered_sets_none(store):
+    issue_for_patient(store, "card-a")
+    first, second = store.add_feedback(
+        SERVICE, [dismissed("card-a", "data-incorrect"), dismissed("card-a", "already-addressed", "urn:other")], NOW, snooze_30_days
+    )
+    assert (first.reason_offered, first.snooze, second.reason_offered, second.snooze) == (True, None, False, None)
+    assert store.list_snoozes() == []
+    [row] = store.report()
+    assert row.reasons_not_offered == 1
+
+
+def test_a_later_reason_replaces_the_patients_snooze_and_lifting_is_guarded(store):
+    issue_for_patient(store, "card-a")
+    [old] = store.add_feedback(SERVICE, [dismissed("card-a", "already-addressed")], NOW, snooze_30_days)
+    later = NOW + timedelta(hours=1)
+    [new] = store.add_feedback(SERVICE, [dismissed("card-a", "already-addressed")], later, snooze_30_days)
+    assert [s.set_at for s in store.list_snoozes()] == [later]
+    assert store.lift_snooze(old.snooze) is False  # a stale copy cannot lift the newer snooze
+    assert store.lift_snooze(new.snooze) is True
+    assert store.list_snoozes() == []
+
+
+def test_snoozes_are_listed_and_cleared_by_rule(store):
+    issue_for_patient(store, "card-a")
+    store.record_cards("hook-2", SERVICE, [IssuedCard("card-b", "r2", "info", (), ((REASON_SYSTEM, "already-addressed"),), "fp")], NOW, PATIENT)
+    store.add_feedback(SERVICE, [dismissed("card-a", "already-addressed"), dismissed("card-b", "already-addressed")], NOW, snooze_30_days)
+    assert [s.rule_id for s in store.list_snoozes()] == ["r1", "r2"]
+    assert [s.rule_id for s in store.clear_snoozes(rule_id="r2")] == ["r2"]
+    assert [s.rule_id for s in store.list_snoozes()] == ["r1"]
+
+
+def test_a_card_issued_without_a_patient_key_never_snoozes(store):
+    store.record_cards("hook-1", SERVICE, [IssuedCard("card-a", "r1", "warning", (), ((REASON_SYSTEM, "already-addressed"),), "fp")], NOW)
+    [stored] = store.add_feedback(SERVICE, [dismissed("card-a", "already-addressed")], NOW, snooze_30_days)
+    assert stored.snooze is None
+
+
+def test_snooze_ends_on_expiry_rule_change_or_higher_indicator():
+    snooze = Snooze(SERVICE, "r1", PATIENT, "already-addressed", "warning", "fp-1", "hook-1", NOW, NOW + timedelta(days=30))
+    assert snooze.ends_because(NOW + timedelta(days=29), "fp-1", "warning") is None
+    assert snooze.ends_because(NOW + timedelta(days=29), "fp-1", "info") is None
+    assert snooze.ends_because(NOW + timedelta(days=30), "fp-1", "warning") == "expired"
+    assert snooze.ends_because(NOW, "fp-2", "warning") == "rule changed"
+    assert snooze.ends_because(NOW, "fp-1", "critical") == "higher indicator"
+
+
+def test_withheld_cards_are_counted_per_rule_and_since(store):
+    snooze = Snooze(SERVICE, "r1", PATIENT, "already-addressed", "warning", "fp-1", "hook-1", NOW, NOW + timedelta(days=30))
+    store.record_withheld(SERVICE, "hook-2", [snooze], NOW)
+    store.record_withheld(SERVICE, "hook-3", [snooze], NOW + timedelta(days=2))
+    [row] = store.report()
+    assert (row.rule_id, row.withheld, row.cards_issued) == ("r1", 2, 0)
+    [row] = store.report(since=NOW + timedelta(days=1))
+    assert row.withheld == 1
+
+
+def test_a_version_1_database_is_upgraded_in_place(db_path):
+    db_path.parent.mkdir(parents=True)
+    raw = sqlite3.connect(db_path)
+    from service.store import _MIGRATIONS
+
+    raw.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    for statement in _MIGRATIONS[1]:
+        raw.execute(statement)
+    raw.execute("INSERT INTO schema_version (version) VALUES (1)")
+    raw.execute("INSERT INTO issued_cards VALUES ('old', ?, 'h', 'r1', 'info', '[]', '2024-01-01T00:00:00.000000Z')", (SERVICE,))
+    raw.commit()
+    raw.close()
+    with Store.from_url(url_for(db_path)) as store:
+        [stored] = store.add_feedback(SERVICE, [dismissed("old", "already-addressed")], NOW, snooze_30_days)
+        # An old card offered no reasons and names no patient: stored, flagged, never snoozing.
+        assert (stored.known_card, stored.reason_offered, stored.snooze) == (True, False, None)
+    raw = sqlite3.connect(db_path)
+    assert raw.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == SCHEMA_VERSION == 2
+    raw.close()
