@@ -14,7 +14,7 @@ from collections import Counter
 import pytest
 import requests
 
-from service.harness import load_cases
+from service.harness import load_cases, load_expectations
 from tests.conftest import FIXTURES, make_app
 from tests.requests_builder import request_with_prefetch
 
@@ -23,7 +23,14 @@ from .stack import sandbox_issuer, start_service
 
 pytestmark = pytest.mark.e2e
 
-SCENARIOS = sorted(p.name for p in FIXTURES.glob("*.json"))
+# The sandbox reads a patient only from the FHIR test server, so a scenario whose data no FHIR
+# server could serve as written (scenarios.yaml says why) has nothing to compare here.
+NOT_SERVABLE = {name: e.fhir_server for name, e in load_expectations(FIXTURES).items() if e.fhir_server}
+NOT_SERVABLE["reference-forms.json"] = (
+    "its absolute references name the mocked FHIR server base of the HTTP tests, not this test "
+    "server's base, so no search here returns them as this patient's"
+)
+SCENARIOS = sorted(p.name for p in FIXTURES.glob("*.json") if p.name not in NOT_SERVABLE)
 HIGH_PRODUCT_DIALYSIS = "esrd-dialysis-high-product.json"  # ESRD on dialysis, Ca x P 74.9: scenarios.yaml
 WITH_SUGGESTIONS = "dialysis-livedo-high-product.json"  # calciphylaxis-workup and -risk cards, both with suggestions
 
