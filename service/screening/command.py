@@ -54,6 +54,7 @@ def parser(prog: str = "screen") -> argparse.ArgumentParser:
     run.add_argument("--scheduler", metavar="ADDRESS", help="an existing Dask scheduler, e.g. tcp://HOST:8786 (default: DASK_SCHEDULER_ADDRESS, else a LocalCluster)")
     run.add_argument("--blocksize", type=int, default=None, metavar="BYTES", help="NDJSON bytes per Dask partition (default 32 MiB): bounds memory per worker")
     run.add_argument("--time-limit", type=float, metavar="SECONDS", help="give up (exit 1) if screening takes longer")
+    run.add_argument("--connect-timeout", type=float, default=30.0, metavar="SECONDS", help="give up (exit 2) on a scheduler not reached in this time (default 30)")
     bulk = p.add_argument_group("from a FHIR server (Bulk Data $export)")
     bulk.add_argument("--from-fhir", metavar="BASE", help="export from this FHIR server first (Patient/$export, or Group/ID/$export with --group)")
     bulk.add_argument("--group", metavar="ID", help="export only this Group's patients")
@@ -83,6 +84,8 @@ def _check(p: argparse.ArgumentParser, args) -> None:
         p.error("--blocksize must be at least 1024 bytes")
     if args.time_limit is not None and args.time_limit <= 0:
         p.error("--time-limit must be positive")
+    if args.connect_timeout <= 0:
+        p.error("--connect-timeout must be positive")
     if args.export_timeout <= 0:
         p.error("--export-timeout must be positive")
     if args.scheduler and args.engine != "dask":
@@ -195,22 +198,28 @@ def _run_pool(args, ruleset, sources: list[str], now: datetime | None):
 
 
 def _run_dask(args, ruleset, sources: list[str], now: datetime | None):
-    from .distributed import DEFAULT_BLOCKSIZE, ScreenError, connect, screen_export
+    from .distributed import DEFAULT_BLOCKSIZE, ScreenError, connect, input_urls, screen_export
 
     address = args.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
     workers = args.workers or os.cpu_count() or 1
     # memory:// files live in this process: its workers must be threads here to see them.
     in_process = not address and any(s.startswith("memory://") for s in sources)
-    tally = report = None
+    try:  # before starting a cluster: a wrong path should not cost its start-up
+        urls = [input_urls(source) for source in sources]
+    except (ScreenError, OSError) as exc:
+        print(f"screen: {exc}", file=sys.stderr)
+        return 2
     client = cluster = None
     bar = _progress(args, "screening", "partition")
     try:
-        client, cluster = connect(address, workers, in_process)
+        started = time.perf_counter()
+        client, cluster = connect(address, workers, in_process, args.connect_timeout)
+        connected = time.perf_counter() - started
         from .core import Tally
         from .ndjson import ReadReport
 
         tally, report, peaks, partitions = Tally(), ReadReport(), {}, 0
-        for source in sources:
+        for source in urls:
             result = screen_export(client, source, ruleset, now, bar, args.time_limit, args.blocksize or DEFAULT_BLOCKSIZE)
             tally.merge(result.tally)
             report.merge(result.report)
@@ -230,7 +239,8 @@ def _run_dask(args, ruleset, sources: list[str], now: datetime | None):
         if cluster is not None:
             cluster.close()
     engine = f"dask {address}" if address else ("dask LocalCluster (threads)" if in_process else "dask LocalCluster")
-    extra = {"partitions": partitions, "peak_worker_rss_mb": peaks}
+    # Wall time includes starting a LocalCluster; this says how much of it that was.
+    extra = {"partitions": partitions, "peak_worker_rss_mb": peaks, "cluster_start_seconds": round(connected, 2)}
     return tally, report, engine, used, extra
 
 

@@ -93,13 +93,13 @@ def build(source: str | list[str], ruleset, now: datetime | None, fallback: date
     return reports, screened, partitions
 
 
-def screen_export(client, source: str, ruleset, now: datetime | None, bar=None, time_limit: float | None = None,
+def screen_export(client, source: str | list[str], ruleset, now: datetime | None, bar=None, time_limit: float | None = None,
                   blocksize: int = DEFAULT_BLOCKSIZE) -> DaskResult:
-    """Run the screening graph on `client`'s cluster; `bar` (tqdm-like) advances per partition."""
+    """Run the screening graph on `client`'s cluster over `source` (see `input_urls`); `bar` advances per partition."""
     from distributed import as_completed
 
     fallback = datetime.now().astimezone()
-    reports, screened, partitions = build(input_urls(source), ruleset, now, fallback, blocksize)
+    reports, screened, partitions = build(source, ruleset, now, fallback, blocksize)
     # Unoptimised, so both collections share the parse tasks instead of each fusing its own copy.
     report_parts = reports.to_delayed(optimize_graph=False)
     screen_parts = screened.to_delayed(optimize_graph=False)
@@ -160,8 +160,10 @@ def connect(address: str | None, workers: int, in_process: bool = False, timeout
             return Client(address, timeout=timeout), None
         except (OSError, TimeoutError) as exc:
             raise ScreenError(f"cannot reach the Dask scheduler at {address} within {timeout:g} s ({exc})") from None
+    # Worker processes talk over TCP on loopback only; thread workers use in-process comms, no socket at all.
+    where = {} if in_process else {"host": "127.0.0.1"}
     cluster = LocalCluster(
-        n_workers=workers, threads_per_worker=1, processes=not in_process, host="127.0.0.1",
-        dashboard_address=None, silence_logs=40, memory_limit="auto",
+        n_workers=workers, threads_per_worker=1, processes=not in_process, dashboard_address=None,
+        silence_logs=40, memory_limit="auto", **where,
     )
     return Client(cluster, timeout=timeout), cluster

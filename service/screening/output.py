@@ -105,6 +105,8 @@ class Summary:
         print(f"rules fingerprint {self.fingerprint}; source {self.source}", file=out)
         print(f"screened {self.screened} patients in {self.wall_seconds:.2f} s with {self.workers} worker{plural}: "
               f"{self.rate:,.0f} patients/s ({self.engine})", file=out)
+        if "cluster_start_seconds" in self.extra:
+            print(f"  of which {self.extra['cluster_start_seconds']:.2f} s connecting to or starting the cluster", file=out)
         print(f"{self.flagged} flagged -> {self.output}", file=out)
         for rule, count in self.by_rule.items():
             print(f"  {rule}: {count}", file=out)
