@@ -84,7 +84,7 @@ def _error(code: str, message: str, status: int | None = None) -> dict:
 # --- signing and calling --------------------------------------------------------------------------
 
 class Signer:
-    """Signs each hook call as an EHR would (CDS Hooks 2.0, "Trusting CDS Clients")."""
+    """Signs each hook call as an EHR would (CDS Hooks 2.0, "Trusting CDS Clients"); also SMART client assertions."""
 
     def __init__(self, pem_path: str, issuer: str, kid: str | None = None) -> None:
         from cryptography.hazmat.primitives import serialization
@@ -110,11 +110,14 @@ class Signer:
         self.issuer = issuer
         self.kid = kid or jwk_thumbprint(key.public_key())
 
-    def token(self, audience: str) -> str:
+    def token(self, audience: str, subject: str | None = None, lifetime: int = JWT_LIFETIME_SECONDS) -> str:
+        """A fresh JWT for `audience`; `subject` for a SMART Backend Services client assertion (sub = iss = client id)."""
         import jwt
 
         now = int(time.time())
-        claims = {"iss": self.issuer, "aud": audience, "exp": now + JWT_LIFETIME_SECONDS, "iat": now, "jti": str(uuid.uuid4())}
+        claims = {"iss": self.issuer, "aud": audience, "exp": now + lifetime, "iat": now, "jti": str(uuid.uuid4())}
+        if subject is not None:
+            claims["sub"] = subject
         return jwt.encode(claims, self.key, algorithm=self.algorithm, headers={"kid": self.kid, "typ": "JWT"})
 
 
