@@ -5,86 +5,16 @@ record has already indexed resources by code, so no rule scans all Observations.
 """
 from __future__ import annotations
 
-import bisect
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Iterator
 
-from .durations import format_duration
+from .facts import Evidence, FactComputer, FactValue, bound_prefix
 from .logic import NUMERIC_OPERATORS, Interval, Truth, all_of, any_of, negate
-from .model import (
-    AllOf, AnyOf, ConditionFact, DefinitionFact, Expr, Leaf, NotOf, ObservationFact,
-    PatientFact, ProductFact, Rule, RuleSet,
-)
-from .record import InvalidResource, ObservationEntry, Reading, Record
+from .model import AllOf, Expr, Leaf, NotOf, Rule, RuleSet
+from .record import Record
 from .templates import WIDTHS, Placeholder, format_number
-from .units import ANALYTES, display_unit
 
-USABLE_OBSERVATION_STATUSES = frozenset({"final", "amended", "corrected"})
-PRESENT_CLINICAL_STATUSES = frozenset({"active", "recurrence", "relapse"})
-EXCLUDED_VERIFICATION_STATUSES = frozenset({"refuted", "entered-in-error"})
-COMPARATORS = (None, "<", "<=", ">", ">=")
-MAX_NOTES = 6  # per fact: enough to explain, bounded for patients with thousands of results
-
-
-@dataclass
-class Evidence:
-    """One resource a fact's value came from."""
-
-    title: str
-    reference: str
-    date: datetime | None
-    sent: str | None = None  # value and unit exactly as the lab sent them
-    value: float | None = None  # normalised
-    comparator: str | None = None  # "<", ">"...: the value is a bound
-
-    @property
-    def normalised(self) -> str | None:
-        """The value in the rule's unit, keeping a bound's sign ('>60 mL/min/1.73 m²'); None if not understood."""
-        return None if self.value is None else f"{self.comparator or ''}{format_number(self.value)} {self.unit}"
-    unit: str | None = None
-    code: str | None = None
-    display: str | None = None
-
-
-@dataclass
-class FactValue:
-    """A fact's value for this patient: found, absent (no data) or unknown (data we cannot trust)."""
-
-    name: str
-    title: str
-    state: str
-    value: Any = None
-    interval: Interval | None = None
-    unit: str | None = None
-    date: datetime | None = None
-    evidence: list[Evidence] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    attributes: dict[str, "FactValue"] = field(default_factory=dict)
-    trace: dict | None = None  # definitions keep how they were decided
-
-    @property
-    def shown(self) -> str:
-        """The value as a card shows it, with its unit and a comparator when not exact."""
-        if self.state == "absent":
-            return "none"
-        if self.state == "unknown" and self.value is None:
-            return "unknown"
-        if isinstance(self.value, bool):
-            return "yes" if self.value else "no"
-        if isinstance(self.value, (int, float)):
-            text = _bound_prefix(self.interval) + format_number(float(self.value))
-            return f"{text} {self.unit}" if self.unit else text
-        return str(self.value)
-
-
-def _bound_prefix(interval: Interval | None) -> str:
-    if interval is None or interval.is_exact:
-        return ""
-    if math.isinf(interval.high):
-        return ">" if interval.low_open else "≥"
-    return "<" if interval.high_open else "≤"
+__all__ = ["Evaluation", "Evaluator", "Evidence", "FactValue", "Finding", "evaluate"]
 
 
 @dataclass
@@ -139,7 +69,7 @@ class Evaluator:
         self.record = record
         self.now = now
         self._facts: dict[str, FactValue] = {}
-        self._candidate_cache: dict[str, tuple[list[ObservationEntry], list[str]]] = {}
+        self._computer = FactComputer(ruleset, record, now, self.test)
 
     # --- rules and conditions ------------------------------------------------------------
 
@@ -192,7 +122,7 @@ class Evaluator:
     def value_of(self, name: str, attribute: str | None = None) -> FactValue:
         """Return a fact (or one of its attributes), computing it once per evaluation."""
         if name not in self._facts:
-            self._facts[name] = self._compute(name)
+            self._facts[name] = self._computer.compute(name)
         fact = self._facts[name]
         if not attribute:
             return fact
@@ -206,199 +136,6 @@ class Evaluator:
         """Facts computed so far, for explanations."""
         return dict(self._facts)
 
-    def _compute(self, name: str) -> FactValue:
-        spec = self.ruleset.facts[name]
-        if isinstance(spec, ObservationFact):
-            return self._observation(spec)
-        if isinstance(spec, ProductFact):
-            return self._product(spec)
-        if isinstance(spec, ConditionFact):
-            return self._condition(spec)
-        if isinstance(spec, PatientFact):
-            return self._patient(spec)
-        assert isinstance(spec, DefinitionFact)
-        result, trace = self.test(spec.when)
-        return FactValue(name, spec.title, "unknown" if result is None else "found", value=result, trace=trace)
-
-    def _candidates(self, spec: ObservationFact, notes: list[str]) -> list[ObservationEntry]:
-        """Entries dated within the window with a usable status, newest first (read once per fact)."""
-        if spec.name not in self._candidate_cache:
-            found_notes: list[str] = []
-            self._candidate_cache[spec.name] = (list(self._scan(spec, found_notes)), found_notes)
-        entries, found_notes = self._candidate_cache[spec.name]
-        notes += found_notes
-        return list(entries)
-
-    def _scan(self, spec: ObservationFact, notes: list[str]) -> Iterator[ObservationEntry]:
-        since = self.now - spec.lookback
-        skipped = 0
-        for entry in self.record.observations(spec.valueset):
-            if entry.effective is None:
-                reason = "no effective date"
-            elif entry.effective > self.now:
-                reason = "dated after the evaluation time"
-            elif entry.effective < since:
-                # Entries are newest first: everything from here on is older too.
-                notes.append(
-                    f"older results ignored: {entry.reference} of {entry.effective.date()} "
-                    f"is outside the {format_duration(spec.lookback)} look-back"
-                )
-                return
-            elif entry.status not in USABLE_OBSERVATION_STATUSES:
-                reason = f"status {entry.status or 'missing'}"
-            else:
-                yield entry
-                continue
-            skipped += 1
-            if skipped <= MAX_NOTES:
-                notes.append(f"{entry.reference} skipped: {reason}")
-
-    def _reading(self, entry: ObservationEntry, notes: list[str]) -> Reading | None:
-        """Load an entry's reading, or say why it cannot be used."""
-        try:
-            reading = entry.reading()
-        except InvalidResource as exc:
-            notes.append(f"{entry.reference} skipped: not valid FHIR R4 ({exc.error})")
-            return None
-        if reading.data_absent:
-            notes.append(f"{entry.reference} skipped: dataAbsentReason {reading.data_absent}")
-            return None
-        if reading.value is None:
-            notes.append(f"{entry.reference} skipped: no valueQuantity")
-            return None
-        return reading
-
-    def _observation(self, spec: ObservationFact) -> FactValue:
-        notes: list[str] = []
-        for entry in self._candidates(spec, notes):
-            reading = self._reading(entry, notes)
-            if reading is not None:
-                return self._normalise(spec, entry, reading, notes)
-        notes.append(f"no usable result in value set {spec.valueset} within {format_duration(spec.lookback)}")
-        return FactValue(spec.name, spec.title, "absent", notes=notes)
-
-    def _normalise(self, spec: ObservationFact, entry: ObservationEntry, reading: Reading, notes: list[str]) -> FactValue:
-        analyte = ANALYTES[spec.analyte]
-        # Exactly as the lab sent it: no rounding, its own unit spelling.
-        sent = f"{(reading.comparator or '')}{reading.value:g} {reading.unit_text or reading.unit or '(no unit)'}"
-        evidence = Evidence(spec.title, entry.reference, entry.effective, sent=sent, code=f"{entry.system}|{entry.code}", display=entry.display, comparator=reading.comparator)
-        factor = analyte.convert(1.0, reading.unit, spec.unit)
-        if factor is None:
-            notes.append(
-                f"{entry.reference}: unit {reading.unit or '(none)'!r} is not a known {spec.analyte} unit, "
-                f"so the value is unknown (known: {', '.join(analyte.spellings)})"
-            )
-            return FactValue(spec.name, spec.title, "unknown", unit=spec.unit, date=entry.effective, evidence=[evidence], notes=notes)
-        if reading.comparator not in COMPARATORS:
-            notes.append(f"{entry.reference}: comparator {reading.comparator!r} is not a FHIR comparator, so the value is unknown")
-            return FactValue(spec.name, spec.title, "unknown", unit=spec.unit, date=entry.effective, evidence=[evidence], notes=notes)
-        interval = Interval.from_comparator(reading.value, reading.comparator).scaled(factor)
-        value = reading.value * factor
-        evidence.value, evidence.unit = value, display_unit(spec.unit)
-        if reading.comparator:
-            notes.append(f"{entry.reference} is a bound ({sent}), not an exact value")
-        fact = FactValue(spec.name, spec.title, "found", value, interval, display_unit(spec.unit), entry.effective, [evidence], notes)
-        fact.attributes = self._upper_limit_attributes(spec, reading, interval)
-        return fact
-
-    def _upper_limit_attributes(self, spec: ObservationFact, reading: Reading, interval: Interval) -> dict[str, FactValue]:
-        analyte = ANALYTES[spec.analyte]
-        upper, note = None, ""
-        if reading.reference_high is not None:
-            upper = analyte.convert(reading.reference_high, reading.reference_high_unit or reading.unit, spec.unit)
-            if upper is not None and upper <= 0:
-                upper = None  # a high of zero is not a usable limit
-            note = "from the lab's reference range" if upper is not None else "reference range not usable"
-        if upper is None and spec.default_upper_limit is not None:
-            upper, note = spec.default_upper_limit, "default upper limit from the rule set (the lab sent none)"
-        if not upper:
-            missing = FactValue("upper_limit", spec.title, "unknown", notes=[note or "the lab sent no reference range"])
-            return {"upper_limit": missing, "uln_multiple": missing}
-        multiple = interval.scaled(1 / upper)
-        return {
-            "upper_limit": FactValue("upper_limit", spec.title, "found", upper, Interval.exact(upper), display_unit(spec.unit), notes=[note]),
-            "uln_multiple": FactValue("uln_multiple", spec.title, "found", multiple.low if math.isfinite(multiple.low) else multiple.high, multiple, "x upper limit", notes=[note]),
-        }
-
-    def _product(self, spec: ProductFact) -> FactValue:
-        a_spec, b_spec = (self.ruleset.facts[n] for n in spec.of)
-        assert isinstance(a_spec, ObservationFact) and isinstance(b_spec, ObservationFact)
-        notes: list[str] = []
-        a_entries = list(self._candidates(a_spec, notes))
-        b_entries = list(self._candidates(b_spec, notes))
-        readings: dict[int, Reading | None] = {}
-        while a_entries and b_entries:
-            pair = _most_recent_pair(a_entries, b_entries, spec.within)
-            if pair is None:
-                notes.append(f"no {a_spec.title} and {b_spec.title} drawn within {format_duration(spec.within)} of each other")
-                break
-            bad = False
-            for entry, pool in ((pair[0], a_entries), (pair[1], b_entries)):
-                if id(entry) not in readings:
-                    readings[id(entry)] = self._reading(entry, notes)
-                if readings[id(entry)] is None:
-                    pool.remove(entry)
-                    bad = True
-            if bad:
-                continue
-            a = self._normalise(a_spec, pair[0], readings[id(pair[0])], [])
-            b = self._normalise(b_spec, pair[1], readings[id(pair[1])], [])
-            evidence = a.evidence + b.evidence
-            date = max(pair[0].effective, pair[1].effective)
-            if a.state != "found" or b.state != "found":
-                notes += [n for n in a.notes + b.notes if "unit" in n]
-                return FactValue(spec.name, spec.title, "unknown", unit=spec.unit, date=date, evidence=evidence, notes=notes)
-            interval = _multiply(a.interval, b.interval)
-            return FactValue(spec.name, spec.title, "found", a.value * b.value, interval, spec.unit, date, evidence, notes)
-        if not a_entries or not b_entries:
-            notes.append(f"needs both {a_spec.title} and {b_spec.title} within their look-back windows")
-        return FactValue(spec.name, spec.title, "absent", notes=notes)
-
-    def _condition(self, spec: ConditionFact) -> FactValue:
-        notes: list[str] = []
-        present = []
-        for entry in self.record.conditions(spec.valueset):
-            try:
-                entry.check()
-            except InvalidResource as exc:
-                notes.append(f"{entry.reference} skipped: not valid FHIR R4 ({exc.error})")
-                continue
-            if entry.verification_status in EXCLUDED_VERIFICATION_STATUSES:
-                notes.append(f"{entry.reference} ({entry.display or entry.code}) skipped: {entry.verification_status}")
-            elif entry.clinical_status not in PRESENT_CLINICAL_STATUSES:
-                notes.append(f"{entry.reference} ({entry.display or entry.code}) skipped: clinical status {entry.clinical_status or 'missing'}")
-            else:
-                present.append(entry)
-        if not present:
-            notes.append(f"no present Condition in value set {spec.valueset}")
-            return FactValue(spec.name, spec.title, "absent", notes=notes)
-        evidence = [
-            Evidence(spec.title, e.reference, e.recorded, code=f"{e.system}|{e.code}", display=e.display or e.code)
-            for e in present
-        ]
-        first = present[0]
-        fact = FactValue(spec.name, spec.title, "found", first.display or first.code, date=first.recorded, evidence=evidence, notes=notes)
-        fact.attributes = {
-            "display": FactValue("display", spec.title, "found", first.display or first.code),
-            "code": FactValue("code", spec.title, "found", f"{first.system}|{first.code}"),
-            "date": FactValue("date", spec.title, "found" if first.recorded else "unknown", first.recorded),
-        }
-        return fact
-
-    def _patient(self, spec: PatientFact) -> FactValue:
-        patient = self.record.patient()
-        if patient is None:
-            return FactValue(spec.name, spec.title, "absent", notes=["no Patient resource"])
-        evidence = [Evidence(spec.title, f"Patient/{patient.resource_id}", None)]
-        if spec.attribute == "sex":
-            if not patient.gender:
-                return FactValue(spec.name, spec.title, "absent", notes=["Patient.gender not recorded"])
-            return FactValue(spec.name, spec.title, "found", patient.gender, evidence=evidence)
-        if patient.birth_date is None:
-            return FactValue(spec.name, spec.title, "absent", notes=["Patient.birthDate not recorded"])
-        today, born = self.now.date(), patient.birth_date
-        age = today.year - born.year - ((today.month, today.day) < (born.month, born.day))
-        return FactValue(spec.name, spec.title, "found", age, Interval.exact(age), "years", evidence=evidence)
 
     # --- rendering -----------------------------------------------------------------------
 
@@ -413,7 +150,7 @@ class Evaluator:
             return "none"
         if attribute == "value":
             if fact.interval is not None and not fact.interval.is_exact and fact.value is not None:
-                prefix = _bound_prefix(fact.interval)
+                prefix = bound_prefix(fact.interval)
                 text = prefix + format_number(float(fact.value), placeholder.number_format)
                 # Never let the width clamp cut a number: fall back to a short scientific form.
                 return text if len(text) <= WIDTHS["value"] else f"{prefix}{float(fact.value):.1e}"
@@ -427,29 +164,3 @@ class Evaluator:
         sub = fact.attributes.get(attribute)
         return sub.value if sub is not None and sub.state == "found" else None
 
-
-def _multiply(a: Interval, b: Interval) -> Interval:
-    """Multiply two non-negative lab values that may be bounds (`>8` x 10 is `>80`)."""
-    low = max(a.low, 0.0) * max(b.low, 0.0)
-    high = 0.0 if 0.0 in (a.high, b.high) else a.high * b.high
-    return Interval(low, high, a.low_open or b.low_open, a.high_open or b.high_open)
-
-
-def _most_recent_pair(a_entries, b_entries, within):
-    """Find the pair drawn within `within` of each other whose older member is newest.
-
-    For a given `a`, the best partner is the newest `b` no later than a + within, if it
-    is no earlier than a - within; so one binary search per `a` suffices (n log n).
-    """
-    b_sorted = sorted(b_entries, key=lambda e: e.effective)
-    b_times = [e.effective for e in b_sorted]
-    best, best_key = None, None
-    for a in a_entries:
-        i = bisect.bisect_right(b_times, a.effective + within) - 1
-        if i < 0 or b_times[i] < a.effective - within:
-            continue
-        b = b_sorted[i]
-        key = (min(a.effective, b.effective), max(a.effective, b.effective))
-        if best_key is None or key > best_key:
-            best, best_key = (a, b), key
-    return best

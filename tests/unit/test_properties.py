@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from fakes import ICD10CM, NOW, FakeRecord, condition, observation, patient
 from service.engine.cards import SUMMARY_LIMIT, render_card
-from service.engine.evaluate import _multiply, evaluate
+from service.engine.evaluate import evaluate
+from service.engine.facts import _multiply
 from service.engine.loader import SUMMARY_MAX, load_ruleset
 from service.engine.logic import NUMERIC_OPERATORS, Interval
 from service.engine.units import ANALYTES
