@@ -53,6 +53,7 @@ def parser(prog: str = "screen") -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, metavar="N", help="processes of the embedded LocalCluster or pool (default: the CPU count)")
     run.add_argument("--scheduler", metavar="ADDRESS", help="an existing Dask scheduler, e.g. tcp://HOST:8786 (default: DASK_SCHEDULER_ADDRESS, else a LocalCluster)")
     run.add_argument("--blocksize", type=int, default=None, metavar="BYTES", help="NDJSON bytes per Dask partition (default 32 MiB): bounds memory per worker")
+    run.add_argument("--worker-memory", default="1GiB", metavar="SIZE", help="memory per LocalCluster worker; past 60%% of it a worker spills to disk (default 1GiB)")
     run.add_argument("--time-limit", type=float, metavar="SECONDS", help="give up (exit 1) if screening takes longer")
     run.add_argument("--connect-timeout", type=float, default=30.0, metavar="SECONDS", help="give up (exit 2) on a scheduler not reached in this time (default 30)")
     bulk = p.add_argument_group("from a FHIR server (Bulk Data $export)")
@@ -90,6 +91,8 @@ def _check(p: argparse.ArgumentParser, args) -> None:
         p.error("--export-timeout must be positive")
     if args.scheduler and args.engine != "dask":
         p.error("--scheduler is a Dask cluster: it does not combine with --engine processes")
+    if args.scheduler and args.worker_memory != "1GiB":
+        p.error("--worker-memory sizes the embedded LocalCluster's workers; a cluster at --scheduler has its own")
     if args.scheduler and args.workers:
         p.error("--workers sizes the embedded LocalCluster; a cluster at --scheduler has its own workers")
     if bool(args.smart_client_id) != bool(args.smart_key):
@@ -213,7 +216,7 @@ def _run_dask(args, ruleset, sources: list[str], now: datetime | None):
     bar = _progress(args, "screening", "partition")
     try:
         started = time.perf_counter()
-        client, cluster = connect(address, workers, in_process, args.connect_timeout)
+        client, cluster = connect(address, workers, in_process, args.connect_timeout, args.worker_memory)
         connected = time.perf_counter() - started
         from .core import Tally
         from .ndjson import ReadReport

@@ -147,12 +147,17 @@ def peak_worker_memory(client) -> dict[str, float]:
         return {}
 
 
-def connect(address: str | None, workers: int, in_process: bool = False, timeout: float = 30.0):
+def connect(address: str | None, workers: int, in_process: bool = False, timeout: float = 30.0, memory_limit: str = "1GiB"):
     """A Client: to `address` when given, else to a LocalCluster of `workers` single-threaded processes on loopback.
 
     `in_process` runs the LocalCluster's workers as threads of this process (needed for
-    `memory://` input, whose files exist only in this process).
+    `memory://` input, whose files exist only in this process). `memory_limit` is per worker:
+    past 60% of it a worker spills held partitions to disk, past 80% it pauses. The task
+    shuffle holds every split of the export somewhere in the cluster until the groups are
+    complete, so spilling, not the partition size alone, is what keeps a worker's memory
+    from growing with the export. A worker is never killed for memory: a slow run beats a lost one.
     """
+    import dask
     from distributed import Client, LocalCluster
 
     if address:
@@ -162,8 +167,10 @@ def connect(address: str | None, workers: int, in_process: bool = False, timeout
             raise ScreenError(f"cannot reach the Dask scheduler at {address} within {timeout:g} s ({exc})") from None
     # Worker processes talk over TCP on loopback only; thread workers use in-process comms, no socket at all.
     where = {} if in_process else {"host": "127.0.0.1"}
-    cluster = LocalCluster(
-        n_workers=workers, threads_per_worker=1, processes=not in_process, dashboard_address=None,
-        silence_logs=40, memory_limit="auto", **where,
-    )
+    with dask.config.set({"distributed.worker.memory.terminate": False}):
+        cluster = LocalCluster(
+            # The scheduler always serves HTTP (health, metrics); a free loopback port, never a fixed one.
+            n_workers=workers, threads_per_worker=1, processes=not in_process, dashboard_address="127.0.0.1:0",
+            silence_logs=40, memory_limit=memory_limit, **where,
+        )
     return Client(cluster, timeout=timeout), cluster
