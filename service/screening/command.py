@@ -29,9 +29,9 @@ set, or a Bulk Data export that failed; 2 bad arguments, unreadable input, or no
 
 examples:
   screen export/ --out flagged.csv --now 2026-11-01T12:00:00Z
-  screen s3://bucket/export/ --out flagged.parquet --scheduler tcp://10.0.0.5:8786
+  screen file:///data/export/ --out flagged.parquet --scheduler tcp://127.0.0.1:8786
   screen export/ --out flagged.ndjson --engine processes --workers 8
-  screen --from-fhir https://fhir.example.org/r4 --group renal-unit --out flagged.csv \\
+  screen --from-fhir http://127.0.0.1:8090/fhir --group renal-unit --out flagged.csv \\
          --smart-client-id screening --smart-key client.pem
 """
 
