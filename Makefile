@@ -12,7 +12,7 @@ $(BIN)/python:
 # Reinstall whenever pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	$(BIN)/python -m pip install --quiet -e '.[test,bench,screen]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -31,7 +31,7 @@ test: install
 ## End to end in the CDS Hooks Sandbox (its built files in CDS_E2E_SANDBOX_DIR) with Debian's chromium.
 E2E_SECONDS ?= 290
 $(VENV)/.installed-e2e: $(VENV)/.installed
-	$(BIN)/python -m pip install --quiet -e '.[test,bench,e2e]'
+	$(BIN)/python -m pip install --quiet -e '.[test,bench,screen,e2e]'
 	touch $@
 
 e2e:

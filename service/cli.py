@@ -1,4 +1,4 @@
-"""Console commands: `rules check|test|explain`, `replay`, `feedback report`, `calcinosis-cds serve`.
+"""Console commands: `rules check|test|explain`, `replay`, `screen`, `feedback report`, `calcinosis-cds serve`.
 
 Rule authors use `rules`; integration testers use `replay`; everything else is for operators.
 """
@@ -11,26 +11,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .config import PROJECT_ROOT, from_environment
+from .console import load_rules, parse_when
 
 DEFAULT_FIXTURES = PROJECT_ROOT / "fixtures" / "fhir"
 
 
 def _rules_dir(args) -> str:
     return args.rules or from_environment()["RULES_DIR"]
-
-
-def load_rules(rules_dir: str):
-    """Load a rule set for a command, or print every error to stderr and return None."""
-    from service.engine.loader import RuleSetError, load_ruleset
-    from service.patient.validation import validation_error
-
-    try:
-        return load_ruleset(rules_dir, validate_resource=validation_error)
-    except RuleSetError as exc:
-        print(f"{len(exc.errors)} error(s) in {rules_dir}:", file=sys.stderr)
-        for error in exc.errors:
-            print(f"  {error}", file=sys.stderr)
-        return None
 
 
 def _load(args):
@@ -41,13 +28,10 @@ def _load(args):
 
 
 def _when(text: str | None) -> datetime | None:
-    if not text:
-        return None
     try:
-        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise SystemExit(f"--now {text!r}: expected an ISO 8601 date-time such as 2026-11-01T12:00:00Z") from None
-    return value if value.tzinfo else value.replace(tzinfo=datetime.now().astimezone().tzinfo)
+        return parse_when(text)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 # --- rules check ------------------------------------------------------------------------------
@@ -273,6 +257,13 @@ def _since(text: str | None) -> datetime | None:
     except ValueError:
         raise SystemExit(f"--since {text!r}: expected an ISO 8601 date or date-time such as 2026-11-01") from None
     return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def screen_main(argv: list[str] | None = None) -> int:
+    """`screen SOURCE --out FILE`: population screening of a Bulk Data export on Dask."""
+    from service.screening.command import main
+
+    return main(argv)
 
 
 def feedback_main(argv: list[str] | None = None) -> int:

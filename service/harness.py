@@ -24,6 +24,7 @@ from service.engine.evaluate import Evaluation, evaluate
 from service.engine.model import RuleSet
 from service.patient.dates import parse_datetime
 from service.patient.record import PatientRecord, patient_aliases, referenced_patient, resources_in
+from service.screening.ndjson import ReadReport, place_group, read_lines
 
 
 class InputError(Exception):
@@ -96,6 +97,7 @@ class Case:
     source: str = ""
     aliases: frozenset[str] = frozenset()  # other references meaning the patient (a Bundle entry's fullUrl)
     full_urls: dict[tuple[str, str], str] = field(default_factory=dict)  # (type, id) -> the Bundle entry's fullUrl
+    attributed: bool = False  # a Bulk export group: the reader already tied each resource to the patient
 
 
 @dataclass
@@ -150,18 +152,21 @@ def case_from_json(data: object, name: str, source: str = "") -> Case:
     raise InputError(f"{source or name}: a {data.get('resourceType', 'JSON object')} is neither a Bundle nor a CDS Hooks request")
 
 
-def load_cases(paths: list[str | Path]) -> Iterator[Case]:
-    """Yield cases from files and folders, in a stable order."""
+def load_cases(paths: list[str | Path], report: ReadReport | None = None, **bulk) -> Iterator[Case]:
+    """Yield cases from files and folders, in a stable order; NDJSON leftovers are counted in `report`.
+
+    `bulk` goes to `bulk_cases` (lenient, keep_types).
+    """
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
             ndjson = sorted(path.glob("*.ndjson"))
             if ndjson:
-                yield from bulk_cases(ndjson)
+                yield from bulk_cases(ndjson, report, **bulk)
             for child in sorted(p for p in path.rglob("*.json")):
                 yield _json_case(child)
         elif path.suffix == ".ndjson":
-            yield from bulk_cases([path])
+            yield from bulk_cases([path], report, **bulk)
         elif path.exists():
             yield _json_case(path)
         else:
@@ -176,23 +181,34 @@ def _json_case(path: Path) -> Case:
     return case_from_json(data, path.name, str(path))
 
 
-def bulk_cases(files: list[Path]) -> Iterator[Case]:
-    """Group a Bulk Data export's resources by patient (files are read line by line)."""
-    by_patient: dict[str, list[dict]] = defaultdict(list)
+def bulk_cases(files: list[Path], report: ReadReport | None = None, *, lenient: bool = False, keep_types: frozenset[str] | None = None) -> Iterator[Case]:
+    """Group a Bulk Data export's resources by patient (files are read line by line).
+
+    What cannot be attributed to a patient is counted in `report` (see
+    `service.screening.ndjson`). An unreadable line is counted too when `lenient`;
+    otherwise it stops the read with InputError naming the file and line. With
+    `keep_types`, resources of other types are counted as skipped and not kept.
+    """
+    report = report if report is not None else ReadReport()
+    by_patient: dict[str, list[tuple[str, bytes]]] = defaultdict(list)
     for file in files:
         with file.open("rb") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    resource = orjson.loads(line)
-                except orjson.JSONDecodeError:
-                    raise InputError(f"{file}:{number}: not valid JSON") from None
-                patient_id = _subject_id(resource) if isinstance(resource, dict) else None
-                if patient_id:
-                    by_patient[patient_id].append(resource)
+            for patient_id, how, line in read_lines(_strict(handle, report, lenient), str(file), report, keep_types):
+                by_patient[patient_id].append((how, line))
     for patient_id in sorted(by_patient):
-        yield Case(patient_id, patient_id, by_patient[patient_id], None, None, "bulk export")
+        lines = place_group(patient_id, by_patient[patient_id], report)
+        if lines:
+            yield Case(patient_id, patient_id, [orjson.loads(line) for line in lines], None, None, "bulk export", attributed=True)
+
+
+def _strict(lines, report: ReadReport, lenient: bool):
+    """Pass lines through, raising InputError as soon as one was counted unreadable (unless lenient)."""
+    for line in lines:
+        if not lenient and report.unreadable:
+            break
+        yield line
+    if not lenient and report.unreadable:
+        raise InputError(report.last)
 
 
 def run_case(ruleset: RuleSet, case: Case, now: datetime | None = None) -> CaseResult:
@@ -200,6 +216,7 @@ def run_case(ruleset: RuleSet, case: Case, now: datetime | None = None) -> CaseR
     base_url = (case.request or {}).get("fhirServer")
     record = PatientRecord(
         ruleset.code_index, case.patient_id, aliases=case.aliases, base_url=base_url if isinstance(base_url, str) else None,
+        attributed=case.attributed,
     )
     record.add_all(case.resources)
     evaluation = evaluate(ruleset, record, now or case.as_of or datetime.now(UTC))

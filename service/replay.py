@@ -8,33 +8,23 @@ Bundles, full CDS Hooks requests, folders of them, FHIR Bulk Data NDJSON exports
 - --url BASE: real CDS Hooks calls to a running service (discovery first, then one POST
   per patient), optionally signed with a JWT as an EHR would sign them.
 - --expect: compare the rules that fired with the scenario's `expect` in scenarios.yaml.
-- --screen OUT.csv|OUT.ndjson: population screening of a bulk export on all cores;
-  writes only the flagged patients, with the values their rules read.
+- --screen OUT.csv|OUT.ndjson|OUT.parquet: an alias of `screen PATH --out OUT`
+  (service.screening.command): population screening, only the flagged patients written.
+
+The hook client (HTTP, signing) is service.hook_client; screening is service.screening.
 """
 from __future__ import annotations
 
 import argparse
-import base64
-import csv
-import hashlib
 import json
-import math
-import os
 import sys
-import time
-import uuid
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from multiprocessing import get_context
-from pathlib import Path
 from typing import TextIO
 
-SERVICE_ID = "calcinosis-risk"
+from service.console import load_rules, parse_when
+from service.hook_client import DEFAULT_TIMEOUT, SERVICE_ID, Card, HookClient, HookClientError, Outcome, Signer, _error
+
 PROGRESS_AFTER = 20  # cases; smaller runs finish before a bar is worth drawing
-DEFAULT_TIMEOUT = 10.0
-JWT_LIFETIME_SECONDS = 300  # CDS Hooks 2.0: exp SHOULD be no more than 5 minutes ahead
-MAX_CHUNK = 250  # patients sent to a screening worker at a time
 
 EPILOG = """\
 exit status: 0 all cases answered (and, with --expect, matched); 1 a mismatch, a case
@@ -54,73 +44,11 @@ examples:
 """
 
 
-class ReplayError(Exception):
-    """Something that stops the whole run (not one patient): unreadable key, no discovery."""
-
-
-# --- what one case produced ----------------------------------------------------------------------
-
-@dataclass
-class Card:
-    rule: str
-    indicator: str
-    summary: str
-
-
-@dataclass
-class Outcome:
-    """One case's answer, from the engine in-process or from the service."""
-
-    name: str
-    patient: str | None
-    source: str
-    cards: list[Card] = field(default_factory=list)
-    evaluated_at: str | None = None
-    error: dict | None = None  # {"status": int | None, "code": str | None, "message": str}
-    expected: list[str] | None = None  # None: no expectation (or --expect not asked for)
-
-    @property
-    def fired(self) -> list[str]:
-        return [c.rule for c in self.cards]
-
-    @property
-    def missing(self) -> list[str]:
-        return [r for r in self.expected or () if r not in self.fired]
-
-    @property
-    def unexpected(self) -> list[str]:
-        return [r for r in self.fired if self.expected is not None and r not in self.expected]
-
-    @property
-    def expectation(self) -> str:
-        if self.expected is None:
-            return "none"
-        return "mismatch" if self.error or self.missing or self.unexpected else "ok"
-
-    def to_json(self, with_expectation: bool) -> dict:
-        body = {
-            "case": self.name,
-            "patient": self.patient,
-            "source": self.source,
-            "evaluated_at": self.evaluated_at,
-            "rules": self.fired,
-            "cards": [{"rule": c.rule, "indicator": c.indicator, "summary": c.summary} for c in self.cards],
-            "error": self.error,
-        }
-        if with_expectation:
-            body |= {"expectation": self.expectation, "expected": self.expected, "missing": self.missing, "unexpected": self.unexpected}
-        return body
-
-
-def expected_rules(ruleset, case) -> list[str] | None:
+def expected_rules(case) -> list[str] | None:
     """The rule ids that must fire for a case, from scenarios.yaml beside it; None if it names none."""
     from service.harness import expected_rules as from_scenarios
 
     return from_scenarios(case)
-
-
-def _error(code: str, message: str, status: int | None = None) -> dict:
-    return {"status": status, "code": code, "message": message}
 
 
 # --- in-process ------------------------------------------------------------------------------------
@@ -138,255 +66,6 @@ def evaluate_case(ruleset, case, when: datetime) -> Outcome:
     outcome.evaluated_at = result.evaluation.evaluator.now.isoformat()
     outcome.cards = [Card(c.rule_id, c.indicator, c.summary) for c in result.cards]
     return outcome
-
-
-# --- against a running service ---------------------------------------------------------------------
-
-class Signer:
-    """Signs each hook call as an EHR would (CDS Hooks 2.0, "Trusting CDS Clients")."""
-
-    def __init__(self, pem_path: str, issuer: str, kid: str | None = None) -> None:
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric import ec, rsa
-
-        try:
-            key = serialization.load_pem_private_key(Path(pem_path).read_bytes(), password=None)
-        except OSError as exc:
-            raise ReplayError(f"--jwt-key {pem_path}: cannot read it ({exc.strerror or exc})") from None
-        except (TypeError, ValueError) as exc:
-            raise ReplayError(f"--jwt-key {pem_path}: not an unencrypted PEM private key ({exc})") from None
-        if isinstance(key, rsa.RSAPrivateKey):
-            self.algorithm = "RS384"
-        elif isinstance(key, ec.EllipticCurvePrivateKey):
-            # JWA binds each ES algorithm to one curve; ES384 (P-384) is the spec's recommendation.
-            curves = {"secp384r1": "ES384", "secp256r1": "ES256", "secp521r1": "ES512"}
-            if key.curve.name not in curves:
-                raise ReplayError(f"--jwt-key {pem_path}: EC curve {key.curve.name} has no JWS algorithm; use P-384")
-            self.algorithm = curves[key.curve.name]
-        else:
-            raise ReplayError(f"--jwt-key {pem_path}: a {type(key).__name__} cannot sign ES384 or RS384 tokens; use an EC P-384 or RSA key")
-        self.key = key
-        self.issuer = issuer
-        self.kid = kid or jwk_thumbprint(key.public_key())
-
-    def token(self, audience: str) -> str:
-        import jwt
-
-        now = int(time.time())
-        claims = {"iss": self.issuer, "aud": audience, "exp": now + JWT_LIFETIME_SECONDS, "iat": now, "jti": str(uuid.uuid4())}
-        return jwt.encode(claims, self.key, algorithm=self.algorithm, headers={"kid": self.kid, "typ": "JWT"})
-
-
-def jwk_thumbprint(public_key) -> str:
-    """RFC 7638 thumbprint of a public key: the default kid, stable for a key."""
-    from jwt.algorithms import ECAlgorithm, RSAAlgorithm
-
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
-    jwk = (RSAAlgorithm if isinstance(public_key, rsa.RSAPublicKey) else ECAlgorithm).to_jwk(public_key, as_dict=True)
-    members = ("e", "kty", "n") if jwk["kty"] == "RSA" else ("crv", "kty", "x", "y")
-    canonical = json.dumps({m: jwk[m] for m in members}, sort_keys=True, separators=(",", ":"))
-    return base64.urlsafe_b64encode(hashlib.sha256(canonical.encode()).digest()).rstrip(b"=").decode()
-
-
-class HookClient:
-    """Discovery once, then one hook call per case; every call has a timeout."""
-
-    def __init__(self, base_url: str, timeout: float, signer: Signer | None = None) -> None:
-        import requests
-
-        self.base = base_url.rstrip("/")
-        self.endpoint = f"{self.base}/cds-services/{SERVICE_ID}"
-        self.timeout = timeout
-        self.signer = signer
-        self.session = requests.Session()
-        self.templates: dict[str, str] = {}
-
-    def close(self) -> None:
-        self.session.close()
-
-    def discover(self) -> dict[str, str]:
-        import requests
-
-        url = f"{self.base}/cds-services"
-        try:
-            response = self.session.get(url, timeout=self.timeout, headers={"Accept": "application/json"})
-        except requests.Timeout:
-            raise ReplayError(f"discovery {url}: no answer within {self.timeout:g} s") from None
-        except requests.RequestException as exc:
-            raise ReplayError(f"discovery {url}: {type(exc).__name__}: {exc}") from None
-        if response.status_code != 200:
-            raise ReplayError(f"discovery {url}: HTTP {response.status_code} {_error_code(response) or ''}".rstrip())
-        try:
-            services = response.json()["services"]
-            service = next(s for s in services if s.get("id") == SERVICE_ID)
-        except (ValueError, KeyError, TypeError):
-            raise ReplayError(f"discovery {url}: the answer is not a CDS Hooks discovery document") from None
-        except StopIteration:
-            raise ReplayError(f"discovery {url}: the service does not offer '{SERVICE_ID}'") from None
-        self.templates = dict(service.get("prefetch") or {})
-        return self.templates
-
-    def call(self, case) -> Outcome:
-        import requests
-
-        from service.harness import hook_request_for
-
-        outcome = Outcome(case.name, case.patient_id, case.source)
-        body = hook_request_for(case, self.templates, str(uuid.uuid4()))
-        headers = {"Accept": "application/json"}
-        if self.signer is not None:
-            headers["Authorization"] = f"Bearer {self.signer.token(self.endpoint)}"
-        try:
-            response = self.session.post(self.endpoint, json=body, headers=headers, timeout=self.timeout)
-        except requests.Timeout:
-            outcome.error = _error("timeout", f"no answer within {self.timeout:g} s")
-            return outcome
-        except requests.RequestException as exc:
-            outcome.error = _error("connection_failed", f"{type(exc).__name__}: {exc}")
-            return outcome
-        if response.status_code != 200:
-            message = _error_message(response) or response.reason or ""
-            outcome.error = _error(_error_code(response) or "http_error", message, response.status_code)
-            return outcome
-        try:
-            cards = response.json()["cards"]
-            outcome.cards = [
-                Card(((c.get("source") or {}).get("topic") or {}).get("code") or "(no topic)", c.get("indicator", ""), c.get("summary", ""))
-                for c in cards
-            ]
-        except (ValueError, KeyError, TypeError, AttributeError):
-            outcome.error = _error("invalid_response", "HTTP 200 but the body is not a CDS Hooks response (no cards list)", 200)
-        return outcome
-
-
-def _error_body(response) -> dict:
-    try:
-        error = response.json().get("error")
-    except (ValueError, AttributeError):
-        return {}
-    return error if isinstance(error, dict) else {}
-
-
-def _error_code(response) -> str | None:
-    return _error_body(response).get("code")
-
-
-def _error_message(response) -> str | None:
-    return _error_body(response).get("message")
-
-
-# --- population screening ----------------------------------------------------------------------------
-
-_worker_ruleset = None
-
-
-def _init_worker(rules_dir: str) -> None:
-    """Each worker loads (and checks) the rule set once."""
-    global _worker_ruleset
-    from service.engine.loader import load_ruleset
-    from service.patient.validation import validation_error
-
-    _worker_ruleset = load_ruleset(rules_dir, validate_resource=validation_error)
-
-
-def screen_chunk(cases: list, now: datetime | None, fallback: datetime, ruleset=None) -> tuple[int, list[dict], list[dict]]:
-    """Evaluate a chunk; return (patients evaluated, flagged rows, errors)."""
-    from service.harness import run_case
-
-    ruleset = ruleset or _worker_ruleset
-    flagged, errors = [], []
-    for case in cases:
-        patient = case.patient_id or case.name
-        try:
-            result = run_case(ruleset, case, now or case.as_of or fallback)
-        except Exception as exc:  # noqa: BLE001 - reported, counted, and the run goes on
-            errors.append({"patient": patient, "error": f"{type(exc).__name__}: {exc}"})
-            continue
-        if not result.cards:
-            continue
-        computed = result.evaluation.evaluator.computed()
-        values: dict[str, str] = {}
-        for finding in result.evaluation.fired:
-            for name in finding.rule.facts_read:
-                if name in computed and name not in values:
-                    values[name] = computed[name].shown
-        flagged.append({"patient": patient, "rules": result.fired, "values": values})
-    return len(cases), flagged, errors
-
-
-def value_columns(ruleset) -> list[str]:
-    """Every fact some rule lists as evidence, in rule order: the screening file's value columns."""
-    columns: list[str] = []
-    for rule in ruleset.rules:
-        columns += [name for name in rule.facts_read if name not in columns]
-    return columns
-
-
-def write_screen(path: Path, rows: list[dict], columns: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() == ".csv":
-        with path.open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["patient", "rules"] + columns)
-            for row in rows:
-                writer.writerow([row["patient"], " ".join(row["rules"])] + [row["values"].get(c, "") for c in columns])
-    else:
-        with path.open("w", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def run_screen(args, ruleset, cases: list, now: datetime | None, read_seconds: float) -> int:
-    out = Path(args.screen)
-    workers = max(1, args.workers or os.cpu_count() or 1)
-    chunk = max(1, min(MAX_CHUNK, math.ceil(len(cases) / (workers * 4))))
-    chunks = [cases[i : i + chunk] for i in range(0, len(cases), chunk)]
-    workers = min(workers, len(chunks)) or 1
-    fallback = datetime.now(UTC)
-    results: dict[int, list[dict]] = {}
-    errors: list[dict] = []
-    done = 0
-    bar = _progress(args, len(cases), "screening")
-    started = time.perf_counter()
-    try:
-        if workers == 1:
-            for index, part in enumerate(chunks):
-                count, results[index], failed = screen_chunk(part, now, fallback, ruleset)
-                errors += failed
-                done += count
-                bar.update(count)
-        else:
-            # spawn: a clean interpreter per worker, safe whatever threads this process runs.
-            with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(str(ruleset.directory),)) as pool:
-                futures = {pool.submit(screen_chunk, part, now, fallback): index for index, part in enumerate(chunks)}
-                for future in as_completed(futures):
-                    count, results[futures[future]], failed = future.result()
-                    errors += failed
-                    done += count
-                    bar.update(count)
-    finally:
-        bar.close()
-    elapsed = time.perf_counter() - started
-    rows = [row for index in sorted(results) for row in results[index]]
-    write_screen(out, rows, value_columns(ruleset))
-    rate = done / elapsed if elapsed > 0 else float("inf")
-    by_rule: dict[str, int] = {}
-    for row in rows:
-        for rule in row["rules"]:
-            by_rule[rule] = by_rule.get(rule, 0) + 1
-    print(f"read {len(cases)} patients in {read_seconds:.2f} s")
-    print(f"screened {done} patients in {elapsed:.2f} s with {workers} worker{'s' if workers > 1 else ''}: {rate:,.0f} patients/s")
-    print(f"{len(rows)} flagged -> {out}")
-    for rule in ruleset.rules:
-        if rule.id in by_rule:
-            print(f"  {rule.id}: {by_rule[rule.id]}")
-    if errors:
-        print(f"{len(errors)} patient(s) could not be evaluated:", file=sys.stderr)
-        for failure in errors[:20]:
-            print(f"  {failure['patient']}: {failure['error']}", file=sys.stderr)
-        return 1
-    return 0
 
 
 # --- output --------------------------------------------------------------------------------------------
@@ -465,20 +144,10 @@ def parser() -> argparse.ArgumentParser:
     remote.add_argument("--jwt-iss", metavar="ISS", help="the token's iss (required with --jwt-key)")
     remote.add_argument("--jwt-kid", metavar="KID", help="the token header's kid (default: the key's RFC 7638 thumbprint)")
     remote.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS", help=f"per HTTP call (default {DEFAULT_TIMEOUT:g})")
-    screen = p.add_argument_group("population screening")
-    screen.add_argument("--screen", metavar="OUT", help="evaluate on all cores and write only flagged patients to OUT.csv or OUT.ndjson")
-    screen.add_argument("--workers", type=int, metavar="N", help="worker processes for --screen (default: the CPU count, os.cpu_count())")
+    screen = p.add_argument_group("population screening (an alias of `screen PATH --out OUT`)")
+    screen.add_argument("--screen", metavar="OUT", help="screen on Dask and write only flagged patients to OUT.csv, OUT.ndjson or OUT.parquet")
+    screen.add_argument("--workers", type=int, metavar="N", help="worker processes for --screen (default: the CPU count)")
     return p
-
-
-def _parse_when(p: argparse.ArgumentParser, text: str | None) -> datetime | None:
-    if not text:
-        return None
-    try:
-        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        p.error(f"--now {text!r}: expected an ISO 8601 date-time such as 2026-11-01T12:00:00Z")
-    return value if value.tzinfo else value.replace(tzinfo=datetime.now().astimezone().tzinfo)
 
 
 def _check_arguments(p: argparse.ArgumentParser, args) -> None:
@@ -490,24 +159,37 @@ def _check_arguments(p: argparse.ArgumentParser, args) -> None:
         p.error("--jwt-key and --jwt-iss go together")
     if args.timeout <= 0:
         p.error("--timeout must be positive")
-    if args.screen:
-        if args.url or args.json or args.expect:
-            p.error("--screen runs in-process and writes its own file: it does not combine with --url, --json or --expect")
-        if Path(args.screen).suffix.lower() not in (".csv", ".ndjson", ".jsonl"):
-            p.error(f"--screen {args.screen}: the file name must end in .csv or .ndjson")
-    if args.workers is not None and args.workers < 1:
-        p.error("--workers must be at least 1")
+    if args.screen and (args.url or args.json or args.expect):
+        p.error("--screen runs the rules itself and writes its own file: it does not combine with --url, --json or --expect")
+    if args.workers is not None and not args.screen:
+        p.error("--workers is for --screen")
+
+
+def screen_alias(args) -> list[str]:
+    """`replay PATH... --screen OUT [...]` as the `screen` command's arguments."""
+    argv = [*args.paths, "--out", args.screen]
+    for flag, value in (("--rules", args.rules), ("--now", args.now), ("--workers", args.workers)):
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv + (["--no-progress"] if args.no_progress else [])
 
 
 def main(argv: list[str] | None = None) -> int:
-    from service.cli import load_rules
     from service.config import from_environment
     from service.harness import InputError, load_cases
+    from service.screening.ndjson import ReadReport
 
     p = parser()
     args = p.parse_args(argv)
     _check_arguments(p, args)
-    now = _parse_when(p, args.now)
+    if args.screen:
+        from service.screening.command import main as screen_main
+
+        return screen_main(screen_alias(args), prog="replay --screen")
+    try:
+        now = parse_when(args.now)
+    except ValueError as exc:
+        p.error(str(exc))
 
     rules_dir = args.rules or from_environment()["RULES_DIR"]
     ruleset = None
@@ -516,19 +198,17 @@ def main(argv: list[str] | None = None) -> int:
         if ruleset is None:
             return 1
 
-    started = time.perf_counter()
+    report = ReadReport()
     try:
-        cases = list(load_cases(args.paths))
+        cases = list(load_cases(args.paths, report))
     except InputError as exc:
         print(f"replay: {exc}", file=sys.stderr)
         return 2
+    for line in report.lines_of_text():  # NDJSON lines no patient could be found for
+        print(f"replay: {line}", file=sys.stderr)
     if not cases:
         print(f"replay: no Bundles, hook requests or NDJSON resources in {' '.join(args.paths)}", file=sys.stderr)
         return 2
-    read_seconds = time.perf_counter() - started
-
-    if args.screen:
-        return run_screen(args, ruleset, cases, now, read_seconds)
 
     client = None
     if args.url:
@@ -536,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             signer = Signer(args.jwt_key, args.jwt_iss, args.jwt_kid) if args.jwt_key else None
             client = HookClient(args.url, args.timeout, signer)
             client.discover()
-        except ReplayError as exc:
+        except HookClientError as exc:
             if client is not None:
                 client.close()
             print(f"replay: {exc}", file=sys.stderr)
@@ -569,7 +249,7 @@ def _replay(args, ruleset, cases: list, now: datetime | None, client: HookClient
             else:
                 outcome = evaluate_case(ruleset, case, now or case.as_of or fallback)
             if args.expect:
-                outcome.expected = expected_rules(ruleset, case)
+                outcome.expected = expected_rules(case)
             outcomes.append(outcome)
             if table is not None:
                 table.rows(outcome)

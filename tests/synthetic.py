@@ -4,13 +4,14 @@ Every patient is drawn from one profile, and each profile's values are drawn fro
 chosen so that the rule set in rules/ decides the same way for every draw: the export
 knows which patients must be flagged, and by which rule.
 
-    python -m tests.synthetic OUT_DIR --patients 10000 [--seed 7] [--now 2026-11-01T12:00:00Z]
+    python -m tests.synthetic OUT_DIR --patients 10000 [--seed 7] [--now 2026-11-01T12:00:00Z] [--references uuid]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import random
+import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -47,19 +48,36 @@ class SyntheticExport:
         return {pid: self.expected(pid) for pid in self.profiles if self.expected(pid)}
 
 
-def write_bulk_export(folder: Path, patients: int, seed: int = 7, now: datetime = DEFAULT_NOW) -> SyntheticExport:
-    """Write Patient.ndjson, Observation.ndjson and Condition.ndjson under `folder`."""
+# How resources point at their Patient, as different servers write it (Bulk Data exports):
+REFERENCE_STYLES = {
+    "relative": lambda pid, n: f"Patient/{pid}",
+    "versioned": lambda pid, n: f"Patient/{pid}/_history/{n % 3 + 1}",
+    "absolute": lambda pid, n: f"https://fhir.example.org/r4/Patient/{pid}",
+    "uuid": lambda pid, n: f"urn:uuid:{pid}",  # Synthea, Pathling: the Patient's id is the uuid
+}
+
+
+def write_bulk_export(folder: Path, patients: int, seed: int = 7, now: datetime = DEFAULT_NOW, references: str = "relative") -> SyntheticExport:
+    """Write Patient.ndjson, Observation.ndjson and Condition.ndjson under `folder`.
+
+    `references`: one of REFERENCE_STYLES, or "mixed" (each patient's style drawn in turn).
+    With "uuid" (and for the uuid patients of "mixed") patient ids are uuids.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     names = list(PROFILES)
     weights = [PROFILES[n][0] for n in names]
+    styles = list(REFERENCE_STYLES)
     export = SyntheticExport(folder)
     with (folder / "Patient.ndjson").open("w") as pat, (folder / "Observation.ndjson").open("w") as obs, (folder / "Condition.ndjson").open("w") as cond:
         for number in range(1, patients + 1):
-            pid = f"synth-{number:06d}"
+            style = styles[number % len(styles)] if references == "mixed" else references
+            pid = str(uuid.UUID(int=rng.getrandbits(128), version=4)) if style == "uuid" else f"synth-{number:06d}"
             profile = rng.choices(names, weights)[0]
             export.profiles[pid] = profile
             patient, observations, conditions = _patient(rng, pid, profile, now)
+            for resource in observations + conditions:
+                resource["subject"]["reference"] = REFERENCE_STYLES[style](pid, number)
             pat.write(json.dumps(patient) + "\n")
             obs.writelines(json.dumps(o) + "\n" for o in observations)
             cond.writelines(json.dumps(c) + "\n" for c in conditions)
@@ -152,9 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patients", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--now", default="2026-11-01T12:00:00Z", help="the time the data is written for (use the same --now when screening)")
+    parser.add_argument("--references", default="relative", choices=[*REFERENCE_STYLES, "mixed"], help="how resources reference their Patient")
     args = parser.parse_args(argv)
     now = datetime.fromisoformat(args.now.replace("Z", "+00:00"))
-    export = write_bulk_export(args.folder, args.patients, args.seed, now)
+    export = write_bulk_export(args.folder, args.patients, args.seed, now, args.references)
     print(f"{args.patients} patients in {args.folder}; {len(export.flagged)} should be flagged")
     return 0
 

@@ -41,10 +41,13 @@ _VALUE_PART = msgspec.json.Decoder(_ValuePart)
 class PatientRecord:
     def __init__(
         self, code_index: CodeIndex, patient_id: str | None = None, *, log_context: dict | None = None,
-        aliases: Iterable[str] = (), base_url: str | None = None,
+        aliases: Iterable[str] = (), base_url: str | None = None, attributed: bool = False,
     ) -> None:
         self.code_index = code_index
         self.patient_id = patient_id
+        # The caller already attributed every resource to this patient (a Bulk export reader
+        # grouping by reference): subject references are not checked again.
+        self.attributed = attributed
         # Other references that mean this patient: a Bundle entry's fullUrl (urn:uuid:...) or an absolute URL.
         self.aliases = frozenset(aliases)
         # Servers the patient is known on: the fhirServer, and the base of an absolute alias
@@ -165,8 +168,8 @@ class PatientRecord:
 
     def _belongs_to_patient(self, reference: str | None) -> bool:
         """Say whether a subject reference means this patient; count those about others or no one we can tell."""
-        if not self.patient_id or not reference:
-            return True  # prefetch and server searches are for this patient
+        if self.attributed or not self.patient_id or not reference:
+            return True  # prefetch and server searches are for this patient; a Bulk group was attributed
         named = {referenced_patient(reference, base) for base in self.bases or (None,)}
         if reference in self.aliases or self.patient_id in named:
             return True

@@ -1,0 +1,243 @@
+"""`screen`: population screening on the process pool, a Dask LocalCluster and an external Dask cluster.
+
+Exports come from tests/synthetic.py, which knows which patients each rule must flag. The
+data is small (a few hundred patients) so each Dask run takes seconds; a LocalCluster's
+start-up (~3 s) is most of it.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from service.config import PROJECT_ROOT
+from service.replay import main as replay_main
+from service.screening.command import main
+from tests.synthetic import write_bulk_export
+
+NOW = "2026-11-01T12:00:00Z"
+DASK = Path(sys.executable).with_name("dask")
+ORPHAN_UUID = "0c5e7b1a-9d2f-4e3b-8a61-7f0e2d4c9b13"
+
+# Lines no patient can be found for, appended to an export: each is counted, none screened.
+STRAY_OBSERVATIONS = [
+    {"resourceType": "Observation", "id": "group-ca", "status": "final", "subject": {"reference": "Group/renal-unit"},
+     "code": {"coding": [{"system": "http://loinc.org", "code": "17861-6"}]}, "valueQuantity": {"value": 11.2, "unit": "mg/dL"}},
+    {"resourceType": "Observation", "id": "orphan-ca", "status": "final", "subject": {"reference": f"urn:uuid:{ORPHAN_UUID}"},
+     "code": {"coding": [{"system": "http://loinc.org", "code": "17861-6"}]}, "valueQuantity": {"value": 11.2, "unit": "mg/dL"}},
+    {"resourceType": "Observation", "id": "no-subject", "status": "final",
+     "code": {"coding": [{"system": "http://loinc.org", "code": "2777-1"}]}, "valueQuantity": {"value": 7.9, "unit": "mg/dL"}},
+]
+PROCEDURE = {"resourceType": "Procedure", "id": "skin-biopsy", "status": "completed", "subject": {"reference": "Patient/synth-000001"},
+             "code": {"coding": [{"system": "http://snomed.info/sct", "code": "240977001"}]}}
+
+
+def mixed_export(folder: Path, patients: int):
+    """An export whose patients use every reference style, plus stray, unreadable and unread lines."""
+    export = write_bulk_export(folder, patients, seed=5, references="mixed")
+    with (folder / "Observation.ndjson").open("a") as handle:
+        handle.writelines(json.dumps(o) + "\n" for o in STRAY_OBSERVATIONS)
+        handle.write('{"resourceType": "Observation", "id": \n')  # truncated line
+    (folder / "Procedure.ndjson").write_text(json.dumps(PROCEDURE) + "\n")
+    return export
+
+
+def flagged_in(path: Path) -> dict[str, tuple[str, ...]]:
+    if path.suffix == ".csv":
+        with path.open(encoding="utf-8", newline="") as handle:
+            return {r["patient"]: tuple(r["rules"].split()) for r in csv.DictReader(handle)}
+    if path.suffix == ".parquet":
+        table = pq.read_table(path).to_pylist()
+        return {r["patient"]: tuple(r["rules"].split()) for r in table}
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return {r["patient"]: tuple(r["rules"]) for r in rows}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def dask_cluster_from_the_cli(tmp_path: Path, workers: int = 2, timeout: float = 60.0):
+    """`dask scheduler` and `dask worker` processes on loopback, as on separate machines; yields the address."""
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+    log = (tmp_path / "dask.log").open("w")
+    processes = [subprocess.Popen(
+        [str(DASK), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard", "--dashboard-address", "127.0.0.1:0", "--idle-timeout", "120s"],
+        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )]
+    try:
+        for _ in range(workers):
+            processes.append(subprocess.Popen(
+                [str(DASK), "worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--no-dashboard",
+                 "--death-timeout", "30", "--lifetime", "180s", "--memory-limit", "1GB"],
+                cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+            ))
+        from distributed import Client
+
+        deadline = time.monotonic() + timeout
+        while True:  # the scheduler takes a moment to listen
+            try:
+                with Client(address, timeout=5) as client:
+                    client.wait_for_workers(workers, timeout=max(1.0, deadline - time.monotonic()))
+                break
+            except (OSError, TimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        yield address
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+        for process in reversed(processes):
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+        log.close()
+
+
+def test_the_process_pool_a_local_cluster_and_an_external_dask_cluster_flag_the_same_patients(tmp_path, capsys):
+    export = mixed_export(tmp_path / "export", 250)
+    assert 40 < len(export.flagged) < 150
+    outputs = {"pool": tmp_path / "pool.csv", "local": tmp_path / "local.ndjson", "external": tmp_path / "external.parquet"}
+    summaries = {name: tmp_path / f"{name}.json" for name in outputs}
+    common = [str(export.folder), "--now", NOW, "--no-progress"]
+
+    assert main([*common, "--out", str(outputs["pool"]), "--engine", "processes", "--workers", "2", "--summary", str(summaries["pool"])]) == 0
+    # A small block size splits every file: patients are spread over partitions and must be shuffled together.
+    assert main([*common, "--out", str(outputs["local"]), "--workers", "2", "--blocksize", "32768", "--summary", str(summaries["local"])]) == 0
+    with dask_cluster_from_the_cli(tmp_path) as address:
+        assert main([*common, "--out", str(outputs["external"]), "--scheduler", address, "--blocksize", "32768", "--summary", str(summaries["external"])]) == 0
+    capsys.readouterr()
+
+    for name, path in outputs.items():
+        assert flagged_in(path) == export.flagged, name
+    loaded = {name: json.loads(path.read_text()) for name, path in summaries.items()}
+    assert loaded["local"]["engine"] == "dask LocalCluster" and loaded["local"]["workers"] == 2
+    assert loaded["external"]["engine"] == f"dask {address}" and loaded["external"]["workers"] == 2
+    assert loaded["local"]["partitions"] > 3  # the small blocks really did split the files
+    for summary in loaded.values():
+        assert summary["patients_screened"] == 250
+        assert summary["patients_flagged"] == len(export.flagged)
+        assert summary["resources"]["unattributable_by_reason"] == {
+            "subject is a Group, not a Patient": 1,
+            "urn:uuid reference names no Patient in the export": 1,
+            "no subject or patient reference": 1,
+        }
+        assert summary["resources"]["unreadable"] == 1
+        assert summary["resources"]["skipped_by_type"] == {"Procedure": 1}
+    assert len({s["rules_fingerprint"] for s in loaded.values()}) == 1
+    assert loaded["external"]["peak_worker_rss_mb"] and all(0 < mb < 1024 for mb in loaded["external"]["peak_worker_rss_mb"].values())
+
+
+def test_a_synthea_style_export_with_urn_uuid_references_screens_from_memory_and_writes_memory(tmp_path, capsys):
+    import fsspec
+
+    export = write_bulk_export(tmp_path / "export", 120, seed=9, references="uuid")
+    assert all(len(pid) == 36 for pid in export.profiles)
+    fs = fsspec.filesystem("memory")
+    for file in export.folder.iterdir():
+        fs.pipe(f"/bulk-uuid/{file.name}", file.read_bytes())
+    try:
+        assert main(["memory://bulk-uuid", "--out", "memory://results/flagged.csv", "--workers", "1", "--now", NOW, "--no-progress"]) == 0
+        text = fs.cat("/results/flagged.csv").decode()
+    finally:
+        for folder in ("/bulk-uuid", "/results"):
+            if fs.exists(folder):
+                fs.rm(folder, recursive=True)
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert {r["patient"]: tuple(r["rules"].split()) for r in rows} == export.flagged
+    out = capsys.readouterr().out
+    assert "screened 120 patients" in out and "dask LocalCluster (threads)" in out
+    assert "0 unattributable" in out
+
+
+def test_each_row_has_the_rule_ids_and_the_values_with_their_units_and_dates(tmp_path, capsys):
+    export = write_bulk_export(tmp_path / "export", 80, seed=3)
+    out = tmp_path / "flagged.parquet"
+    assert main([str(export.folder), "--out", str(out), "--workers", "1", "--now", NOW, "--no-progress"]) == 0
+    rows = {r["patient"]: r for r in pq.read_table(out).to_pylist()}
+    assert {p: tuple(r["rules"].split()) for p, r in rows.items()} == export.flagged
+    risk = next(r for r in rows.values() if r["rules"] == "calciphylaxis-risk")
+    assert risk["ca_x_p"].endswith(" mg²/dL²") and float(risk["ca_x_p"].split()[0]) >= 72
+    assert risk["ca_x_p_date"].startswith("2026-") and risk["pth"].endswith("pg/mL") and risk["pth_date"].startswith("2026-")
+    printed = capsys.readouterr().out
+    for rule in {r for rules in export.flagged.values() for r in rules}:
+        count = sum(rule in rules for rules in export.flagged.values())
+        assert f"  {rule}: {count}\n" in printed
+    assert "rules fingerprint " in printed and "patients/s" in printed and "peak memory per worker" in printed
+
+
+def test_a_progress_bar_of_partitions_is_drawn_on_a_terminal(tmp_path, monkeypatch, capsys):
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    export = write_bulk_export(tmp_path / "export", 30, seed=2)
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    assert main([str(export.folder), "--out", str(tmp_path / "f.csv"), "--workers", "1", "--now", NOW, "--blocksize", "8192"]) == 0
+    assert "screening:" in terminal.getvalue() and "partition" in terminal.getvalue()
+    assert "screened 30 patients" in capsys.readouterr().out
+
+
+def test_replay_reads_a_urn_uuid_export_patient_by_patient_and_reports_what_it_could_not_attribute(tmp_path, capsys):
+    export = write_bulk_export(tmp_path / "export", 40, seed=4, references="uuid")
+    with (export.folder / "Observation.ndjson").open("a") as handle:
+        handle.write(json.dumps(STRAY_OBSERVATIONS[1]) + "\n")
+    assert replay_main([str(export.folder), "--json", "--now", NOW, "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    by_patient = {o["patient"]: tuple(o["rules"]) for o in map(json.loads, captured.out.splitlines())}
+    assert set(by_patient) == set(export.profiles)
+    assert {p: r for p, r in by_patient.items() if r} == export.flagged
+    assert "1 resource(s) unattributable to a patient: 1 urn:uuid reference names no Patient in the export" in captured.err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--out", "x.csv"], "give a SOURCE"),
+    (["export", "--out", "x.xlsx"], "must end in .csv, .ndjson or .parquet"),
+    (["export", "--out", "x.csv", "--engine", "processes", "--scheduler", "tcp://127.0.0.1:1"], "does not combine"),
+    (["export", "--out", "x.csv", "--scheduler", "tcp://127.0.0.1:1", "--workers", "2"], "has its own workers"),
+    (["export", "--out", "x.csv", "--group", "g"], "use it with --from-fhir"),
+])
+def test_bad_arguments_exit_2_naming_the_problem(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_folder_without_ndjson_exits_2_before_any_cluster_starts(tmp_path, capsys, monkeypatch):
+    def no_cluster(*args, **kwargs):
+        raise AssertionError("a cluster was started for input that cannot be read")
+
+    monkeypatch.setattr("service.screening.distributed.connect", no_cluster)
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty"), "--out", str(tmp_path / "f.csv")]) == 2
+    assert f"{tmp_path / 'empty'}: no *.ndjson files in it" in capsys.readouterr().err
+    assert main([str(tmp_path / "missing"), "--out", str(tmp_path / "f.csv")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_an_unreachable_scheduler_exits_2_within_the_connect_timeout(tmp_path, capsys):
+    export = write_bulk_export(tmp_path / "export", 5, seed=1)
+    address = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
+    started = time.monotonic()
+    assert main([str(export.folder), "--out", str(tmp_path / "f.csv"), "--scheduler", address, "--connect-timeout", "2"]) == 2
+    assert time.monotonic() - started < 15
+    assert f"cannot reach the Dask scheduler at {address}" in capsys.readouterr().err
