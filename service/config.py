@@ -26,7 +26,11 @@ SETTINGS: dict[str, tuple[str, object]] = {
     "CORS_ORIGINS": ("CDS_CORS_ORIGINS", "*"),
     "NOW": ("CDS_NOW", ""),
     "LOG_LEVEL": ("CDS_LOG_LEVEL", "INFO"),
+    # strict: check the elements the engine reads (service/patient/strict.py); full: also validate
+    # every resource a rule reads with fhir.resources (~200 µs each, docs/performance.md).
+    "VALIDATION": ("CDS_VALIDATION", "strict"),
 }
+VALIDATION_MODES = ("strict", "full")
 
 
 def from_environment(environ: dict[str, str] | None = None) -> dict:

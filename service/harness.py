@@ -123,9 +123,9 @@ def bulk_cases(files: list[Path]) -> Iterator[Case]:
         yield Case(patient_id, patient_id, by_patient[patient_id], None, None, "bulk export")
 
 
-def run_case(ruleset: RuleSet, case: Case, now: datetime | None = None) -> CaseResult:
+def run_case(ruleset: RuleSet, case: Case, now: datetime | None = None, *, full_validation: bool = False) -> CaseResult:
     """Evaluate the rules for one case at `now`, else the case's own time, else the clock."""
-    record = PatientRecord(ruleset.code_index, case.patient_id)
+    record = PatientRecord(ruleset.code_index, case.patient_id, full_validation=full_validation)
     record.add_all(case.resources)
     evaluation = evaluate(ruleset, record, now or case.as_of or datetime.now(UTC))
     cards = [render_card(f, evaluation.evaluator, ruleset) for f in evaluation.fired]

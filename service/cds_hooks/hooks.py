@@ -32,7 +32,8 @@ def answer(service: CdsService, body: object, ext) -> Outcome:
     log_context = {"hookInstance": hook_request.hook_instance, "service": service.id}
     templates = prefetch_templates(ruleset, ext.config["PREFETCH_COUNT"])
     resolved = resolve(hook_request, templates, ext.fetch_settings, log_context)
-    record = PatientRecord(ruleset.code_index, hook_request.patient_id, log_context=log_context)
+    record = PatientRecord(ruleset.code_index, hook_request.patient_id, log_context=log_context,
+                           full_validation=ext.config["VALIDATION"] == "full")
     for resources in resolved.resources.values():
         record.add_all(resources)
     evaluation = evaluate(ruleset, record, ext.now())
