@@ -10,7 +10,8 @@ The rows follow FHIR R4 (v4.0.1, hl7.org/fhir/R4): the primitive types' regular 
 (datatypes.html; "Dates SHALL be valid dates"), the complex types the engine reads, the
 required value sets of the status elements (valueset-observation-status, -event-status,
 -condition-clinical, -condition-ver-status, -quantity-comparator, -administrative-gender,
--request-status, -request-intent, -request-priority), at most one type of a choice element
+-request-status, -request-intent, -request-priority, -medicationrequest-status,
+-medicationrequest-intent), at most one type of a choice element
 [x], and the invariants on what is read (obs-3, obs-6, sqty-1, per-1, con-5).
 fhir.resources stays the authority on whole resources (`CDS_VALIDATION=full`, `replay
 --validate`, the fixture tests and every resource the service proposes).
@@ -132,6 +133,8 @@ ADMINISTRATIVE_GENDER = frozenset({"male", "female", "other", "unknown"})
 REQUEST_STATUS = frozenset({"draft", "active", "on-hold", "revoked", "completed", "entered-in-error", "unknown"})
 REQUEST_INTENT = frozenset({"proposal", "plan", "directive", "order", "original-order", "reflex-order", "filler-order", "instance-order", "option"})
 REQUEST_PRIORITY = frozenset({"routine", "urgent", "asap", "stat"})
+MEDICATION_REQUEST_STATUS = frozenset({"active", "on-hold", "cancelled", "completed", "entered-in-error", "stopped", "draft", "unknown"})
+MEDICATION_REQUEST_INTENT = frozenset({"proposal", "plan", "order", "original-order", "reflex-order", "filler-order", "instance-order", "option"})
 CLINICAL_SYSTEM = "http://terminology.hl7.org/CodeSystem/condition-clinical"
 VERIFICATION_SYSTEM = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
 
@@ -327,6 +330,19 @@ ROWS: dict[str, tuple[Row | Invariant, ...]] = {
         Row("ServiceRequest.subject", {"subject": REFERENCE}, required=True),
         Row("ServiceRequest.occurrence[x]", _choice("occurrence", DateTime=DATE_TIME, Period=PERIOD, Timing=ANY)),
         Row("ServiceRequest.authoredOn", {"authoredOn": DATE_TIME}),
+    ),
+    # Draft orders (order-select / order-sign): the elements the order rules read.
+    "MedicationRequest": (
+        Row("MedicationRequest.id", {"id": ID}),
+        Row("MedicationRequest.status", {"status": code_in(MEDICATION_REQUEST_STATUS, "medicationrequest Status")}, required=True),
+        Row("MedicationRequest.intent", {"intent": code_in(MEDICATION_REQUEST_INTENT, "medicationRequest Intent")}, required=True),
+        Row("MedicationRequest.medication[x]", _choice("medication", CodeableConcept=CODEABLE_CONCEPT, Reference=REFERENCE), required=True),
+        Row("MedicationRequest.subject", {"subject": REFERENCE}, required=True),
+        Row("MedicationRequest.authoredOn", {"authoredOn": DATE_TIME}),
+    ),
+    "Medication": (
+        Row("Medication.id", {"id": ID}),
+        Row("Medication.code", {"code": CODEABLE_CONCEPT}),
     ),
     "Patient": (
         Row("Patient.id", {"id": ID}),

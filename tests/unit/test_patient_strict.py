@@ -58,8 +58,18 @@ SERVICE_REQUEST = {
     "authoredOn": "2026-10-30",
 }
 PATIENT = {"resourceType": "Patient", "id": "p1", "gender": "female", "birthDate": "1961-04-12"}
+MEDICATION_REQUEST = {
+    "resourceType": "MedicationRequest",
+    "id": "rx-1",
+    "status": "draft",
+    "intent": "order",
+    "medicationCodeableConcept": {"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "1191", "display": "aspirin"}]},
+    "subject": {"reference": "Patient/p1"},
+    "authoredOn": "2026-10-30T10:00:00Z",
+}
+MEDICATION = {"resourceType": "Medication", "id": "med-1", "code": {"text": "calcium carbonate 500 mg tablet"}}
 
-VALID = {r["resourceType"]: r for r in (OBSERVATION, CONDITION, PROCEDURE, SERVICE_REQUEST, PATIENT)}
+VALID = {r["resourceType"]: r for r in (OBSERVATION, CONDITION, PROCEDURE, SERVICE_REQUEST, PATIENT, MEDICATION_REQUEST, MEDICATION)}
 
 
 def changed(resource: dict, **changes) -> dict:
@@ -136,6 +146,17 @@ BROKEN = [
     (SERVICE_REQUEST, {"subject": DELETE}, "ServiceRequest.subject"),
     (SERVICE_REQUEST, {"occurrenceDateTime": "soon"}, "ServiceRequest.occurrenceDateTime"),
     (SERVICE_REQUEST, {"authoredOn": "2026-10-30T10:00"}, "ServiceRequest.authoredOn"),
+    # MedicationRequest and Medication (draft orders)
+    (MEDICATION_REQUEST, {"id": "rx 1"}, "MedicationRequest.id"),
+    (MEDICATION_REQUEST, {"status": "new"}, "MedicationRequest.status"),
+    (MEDICATION_REQUEST, {"intent": "directive"}, "MedicationRequest.intent"),
+    (MEDICATION_REQUEST, {"medicationCodeableConcept": DELETE}, "MedicationRequest.medication[x]"),
+    (MEDICATION_REQUEST, {"medicationReference": {"reference": "Medication/med-1"}}, "MedicationRequest.medication[x]"),
+    (MEDICATION_REQUEST, {"medicationCodeableConcept": DELETE, "medicationReference": {"reference": ["Medication/med-1"]}}, "MedicationRequest.medicationReference"),
+    (MEDICATION_REQUEST, {"subject": {"display": ""}}, "MedicationRequest.subject"),
+    (MEDICATION_REQUEST, {"authoredOn": "30/10/2026"}, "MedicationRequest.authoredOn"),
+    (MEDICATION, {"id": "med_1"}, "Medication.id"),
+    (MEDICATION, {"code": {"coding": [{"code": 1191}]}}, "Medication.code"),
     # Patient
     (PATIENT, {"id": "p 1"}, "Patient.id"),
     (PATIENT, {"gender": "F"}, "Patient.gender"),
