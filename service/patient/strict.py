@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Callable
 
+from .dates import parse_datetime
+
 # A check returns None when the value is well formed, else the problem: ": <message>", or
 # ".<sub-element>: <message>" when it is inside the value. The row puts its element in front.
 Check = Callable[[object], "str | None"]
@@ -198,8 +200,6 @@ def PERIOD(value: object) -> str | None:
     """start and end dateTimes; end not before start (per-1)."""
     problem = _PERIOD_SHAPE(value)
     if problem is None and isinstance(value.get("start"), str) and isinstance(value.get("end"), str):  # type: ignore[union-attr]
-        from .dates import parse_datetime
-
         start, end = parse_datetime(value["start"]), parse_datetime(value["end"])  # type: ignore[index]
         if start and end and end < start:
             return ": end is before start (per-1)"
