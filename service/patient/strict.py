@@ -197,9 +197,10 @@ _PERIOD_SHAPE = _object({"start": DATE_TIME, "end": DATE_TIME})
 
 
 def PERIOD(value: object) -> str | None:
-    """start and end dateTimes; end not before start (per-1)."""
+    """start and end dateTimes; end not before start (per-1), compared when both name a day
+    (a partial end such as "2023" covers the whole year)."""
     problem = _PERIOD_SHAPE(value)
-    if problem is None and isinstance(value.get("start"), str) and isinstance(value.get("end"), str):  # type: ignore[union-attr]
+    if problem is None and len(value.get("start") or "") >= 10 and len(value.get("end") or "") >= 10:  # type: ignore[union-attr]
         start, end = parse_datetime(value["start"]), parse_datetime(value["end"])  # type: ignore[index]
         if start and end and end < start:
             return ": end is before start (per-1)"

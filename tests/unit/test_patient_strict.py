@@ -213,6 +213,11 @@ def test_what_fhir_resources_lets_through_the_strict_layer_stops():
         assert strict_problem(broken) is not None
 
 
+def test_a_period_ending_in_a_partial_date_covers_that_whole_period():
+    assert strict_problem(changed(PROCEDURE, performedPeriod={"start": "2023-05-01", "end": "2023"})) is None
+    assert strict_problem(changed(PROCEDURE, performedPeriod={"start": "2023-05-01", "end": "2023-04-30"})) is not None
+
+
 def test_null_elements_are_absent_and_optional_ones_may_be_missing():
     sparse = {"resourceType": "Observation", "status": "final", "code": {"text": "Calcium"}, "issued": None, "valueQuantity": None}
     assert strict_problem(sparse) is None
