@@ -17,9 +17,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
-## Serve on http://127.0.0.1:$(PORT) with the embedded defaults (auth disabled for local demos).
+## Serve on http://127.0.0.1:$(PORT) with the embedded defaults. Auth is disabled for local demos
+## only while no CDS_TRUSTED_ISSUERS is set; with it, auth is on unless CDS_AUTH=disabled is explicit.
 run: install
-	CDS_AUTH=$${CDS_AUTH:-disabled} $(BIN)/gunicorn --config gunicorn.conf.py --bind 127.0.0.1:$(PORT) 'service:create_app()'
+	$(if $(CDS_TRUSTED_ISSUERS),,CDS_AUTH=$${CDS_AUTH:-disabled}) $(BIN)/gunicorn --config gunicorn.conf.py --bind 127.0.0.1:$(PORT) 'service:create_app()'
 
 ## Install and run the whole test suite.
 test: install

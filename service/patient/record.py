@@ -20,7 +20,7 @@ from service.engine.valuesets import CodeIndex
 import msgspec
 
 from .dates import parse_date, parse_datetime
-from .lazy import Coding, Concept, Head, RawResource
+from .lazy import Coding, Concept, Head, RawResource, UnreadableJson
 from .strict import strict_problem
 from .validation import validation_error
 
@@ -101,7 +101,11 @@ class PatientRecord:
         Each one is counted; only the first few are validated to say what is wrong and logged
         (validation costs ~200 µs: 50,000 of them took 8 s), so a hostile chart stays bounded.
         """
-        full = resource.decode() if isinstance(resource, RawResource) else resource
+        try:
+            full = resource.decode() if isinstance(resource, RawResource) else resource
+        except UnreadableJson as exc:
+            self._invalid("Resource", "(unreadable)", str(exc))
+            return
         kind = full.get("resourceType") if isinstance(full, dict) else None
         if kind in INDEXED_TYPES:
             self.unreadable += 1
@@ -173,7 +177,10 @@ class PatientRecord:
         if self.patient_id and rid != self.patient_id:
             self.other_patient += 1
             return
-        self._patient_raw = resource.decode() if isinstance(resource, RawResource) else resource
+        try:
+            self._patient_raw = resource.decode() if isinstance(resource, RawResource) else resource
+        except UnreadableJson as exc:
+            self._invalid("Patient", rid, str(exc))
 
     # --- validation, lazily -------------------------------------------------------------------
 
@@ -194,7 +201,10 @@ class PatientRecord:
         return problem
 
     def _validate(self, source: dict | RawResource, kind: str, rid: str) -> dict:
-        resource = source.decode() if isinstance(source, RawResource) else source
+        try:
+            resource = source.decode() if isinstance(source, RawResource) else source
+        except UnreadableJson as exc:
+            raise self._invalid(kind, rid, str(exc)) from None
         problem = self.problem(resource, kind)
         if problem:
             raise self._invalid(kind, rid, problem)
@@ -221,13 +231,17 @@ class PatientRecord:
         unit = code if code and quantity.get("system") in (None, UCUM) else text
         high = next((r["high"] for r in resource.get("referenceRange") or () if isinstance(r, dict) and r.get("high")), None) or {}
         high_unit = high.get("code") if high.get("code") and high.get("system") in (None, UCUM) else high.get("unit")
+        try:
+            value, reference_high = _number(quantity.get("value")), _number(high.get("value"))
+        except OverflowError:  # a 400-digit integer is valid JSON and a valid FHIR decimal, but no lab value
+            raise self._invalid("Observation", rid, "a value is too large to be a number") from None
         return Reading(
-            value=_number(quantity.get("value")),
+            value=value,
             comparator=quantity.get("comparator"),
             unit=unit,
             unit_text=text or code,
             data_absent=_coded_text(absent) if absent else None,
-            reference_high=_number(high.get("value")),
+            reference_high=reference_high,
             reference_high_unit=high_unit,
         )
 
