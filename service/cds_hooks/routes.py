@@ -103,6 +103,7 @@ def invoke(service_id: str) -> Response:
             "skipped_resources": outcome.skipped_resources,
             # Resources about another patient in this patient's prefetch: dropped, and worth an EHR ticket.
             "other_patient_resources": outcome.other_patient_resources,
+            "unattributed_resources": outcome.unattributed_resources,
             "data_sources": outcome.sources,
             "ms": round((time.perf_counter() - started) * 1000, 1),
         },

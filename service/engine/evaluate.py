@@ -93,8 +93,10 @@ class Evaluator:
     def _leaf(self, leaf: Leaf) -> tuple[Truth, dict]:
         fact = self.value_of(leaf.fact, leaf.attribute)
         op = leaf.operator
-        if op == "present":
-            result: Truth = fact.state != "absent"
+        if op in ("present", "absent") and fact.state == "unknown" and not fact.exists:
+            result: Truth = None  # e.g. a matching Condition that cannot be read: maybe present
+        elif op == "present":
+            result = fact.state != "absent"
         elif op == "absent":
             result = fact.state == "absent"
         elif fact.state == "absent":
