@@ -50,7 +50,8 @@ e2e:
 rules-check: install
 	$(BIN)/rules check
 
-## Benchmarks: in-process and over HTTP beside a floor (not part of `make test`).
+## Benchmarks: in-process, and over HTTP beside a floor and the HealthChain peer (not part of `make test`;
+## the first run installs the peer into bench/.cache/, its own virtualenv).
 bench: install
 	$(BIN)/python -m bench
 

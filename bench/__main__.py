@@ -1,6 +1,6 @@
-"""`python -m bench` (what `make bench` runs): in-process, over HTTP beside the floor, a short soak.
+"""`python -m bench` (what `make bench` runs): in-process, over HTTP beside the floor and the peer, a short soak.
 
-    python -m bench                 # full run, about 4 minutes on 2 cores
+    python -m bench                 # full run, about 5 minutes on 2 cores (first run also installs the peer)
     python -m bench --quick         # about 1 minute, fewer runs, shorter loads
     python -m bench --profile       # pyinstrument reports at 100, 1,000 and 5,000 Observations, nothing else
     python -m bench --only inprocess|http|soak
@@ -14,20 +14,25 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
 
-from . import data, inprocess, load, machine
+from . import data, inprocess, load, machine, peer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# Targets (docs/performance.md says where they come from).
-TARGET_SCALING = 6.0  # in-process p50 at 5,000 Obs / p50 at 1,000 Obs
-TARGET_THROUGHPUT_SHARE = 0.5  # service req/s / floor req/s at 100 Obs
-TARGET_P99_1000_MS = 100.0  # service p99 at 1,000 Obs over HTTP
+# Targets (issue 13; docs/performance.md).
+TARGET_SCALING = 5.0  # in-process p50 at 5,000 Obs / p50 at 1,000 Obs
+TARGET_RATIOS = {  # (Observations, other app) -> least service req/s / other req/s
+    (100, "peer"): 1.0, (1000, "peer"): 1.5,
+    (100, "floor"): 0.5, (1000, "floor"): 1.0,
+}
+TARGET_P99_1000_MS = 50.0  # service p99 at 1,000 Obs over HTTP
 TARGET_RSS_MB = 200.0  # peak RSS (VmHWM) of any worker
+TARGET_SOAK_GROWTH_MB = 5.0  # worker RSS growth over the soak, after warm-up
 
 
 def log(message: str) -> None:
@@ -44,8 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", choices=["inprocess", "http", "soak"], action="append", help="run only these parts (repeatable)")
     p.add_argument("--profile", action="store_true", help="only profile the in-process endpoint path with pyinstrument (100, 1,000 and 5,000 Obs)")
     p.add_argument("--connections", type=int, default=4, help="concurrent connections of the load generator (default 4: 2 per worker)")
-    p.add_argument("--seconds", type=float, help="length of one measured load run (default 6, quick 3)")
-    p.add_argument("--repeats", type=int, help="measured load runs per point; the median by req/s is reported (default 3, quick 1)")
+    p.add_argument("--seconds", type=float, help="length of one measured load run (default 3, quick 2)")
+    p.add_argument("--rounds", type=int, help="rounds per point; each drives every server once, figures are medians (default 7, quick 3)")
+    p.add_argument("--no-peer", action="store_true", help="leave out the HealthChain peer (no virtualenv is made)")
     p.add_argument("--soak-seconds", type=float, help="length of the soak (default 30, quick 8)")
     p.add_argument("--tool", choices=["auto", "wrk", "python"], default="auto", help="load generator (auto: wrk when installed)")
     p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
@@ -54,37 +60,68 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-# --- HTTP ----------------------------------------------------------------------------------------
+# --- HTTP ---------------------------------------------------------------------------------------
+
+APPS = ("service", "floor", "peer")
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
 
 def summarise(runs: list[tuple[load.LoadResult, machine.Usage]]) -> dict:
-    """Keep the run with the median throughput (its latencies too), and the spread of all runs."""
-    runs = sorted(runs, key=lambda pair: pair[0].rps)
-    chosen, usage = runs[len(runs) // 2]
+    """Medians over the rounds of each figure, and CPU per request from the servers' own CPU time."""
     requests = sum(r.requests for r, _ in runs)
     return {
-        **chosen.as_dict(),
-        # Server CPU per request over all runs: unlike req/s, barely moved by other processes' load.
+        "rps": round(median([r.rps for r, _ in runs]), 1),
+        "p50_ms": round(median([r.p50_ms for r, _ in runs]), 2),
+        "p99_ms": round(median([r.p99_ms for r, _ in runs]), 2),
+        "max_ms": max(r.max_ms for r, _ in runs),
+        "errors": sum(r.errors for r, _ in runs),
+        "requests": requests,
+        # Server CPU per request over all rounds: unlike req/s, barely moved by other processes' load.
         "server_cpu_ms_per_request": round(1000 * sum(u.pids_cpu_seconds for _, u in runs) / requests, 2) if requests else None,
         "rps_runs": [r.rps for r, _ in runs],
         "p99_runs": [r.p99_ms for r, _ in runs],
-        "others_cores": usage.others_cores,
-        "steal_pct": usage.steal_pct,
+        "others_cores": round(median([u.others_cores for _, u in runs]), 2),
         "others_cores_max": max(u.others_cores for _, u in runs),
+        "steal_pct": max(u.steal_pct for _, u in runs),
     }
 
 
+def paired_ratio(runs: dict[str, list], a: str, b: str) -> float | None:
+    """Median over rounds of req/s(a) / req/s(b): each round ran a and b back to back, so a drift
+    in background load between rounds cancels out."""
+    ratios = [ra.rps / rb.rps for (ra, _), (rb, _) in zip(runs[a], runs[b]) if rb.rps]
+    return round(median(ratios), 3) if ratios else None
+
+
+def servers_for(args, workdir: Path) -> dict[str, load.Gunicorn]:
+    servers = {
+        "service": load.Gunicorn(load.SERVICE_APP, workdir, "service"),
+        "floor": load.Gunicorn(load.FLOOR_APP, workdir, "floor", command=lambda port: load.gunicorn_command(load.FLOOR_APP, port, config=False)),
+    }
+    if not args.no_peer:
+        peer.ensure(log=log)
+        servers["peer"] = load.Gunicorn("peer_app:app", workdir, "peer", command=lambda port: peer.command(port, load.WORKERS))
+    return servers
+
+
 def http_part(args, workdir: Path, tool: str) -> dict:
-    """Both apps run side by side (idle when not driven); their runs alternate, so drift in
-    the machine's background load hits both alike."""
+    """All servers run side by side (idle when not driven). Each point is measured in short
+    rounds; a round drives every server once, in an order that rotates from round to round,
+    so drift in the machine's background load hits all alike. Figures are medians over rounds."""
     sizes = (100, 1000)
     files = {}
     for n in sizes:
         files[n] = workdir / f"request-{n}.json"
         files[n].write_bytes(data.body(n))
-    out: dict = {"connections": args.connections, "tool": tool, "seconds": args.seconds, "repeats": args.repeats, "apps": {}}
-    names = ("service", "floor")
-    with load.Gunicorn(load.SERVICE_APP, workdir, "service") as service, load.Gunicorn(load.FLOOR_APP, workdir, "floor") as floor:
-        servers = {"service": service, "floor": floor}
+    out: dict = {"connections": args.connections, "tool": tool, "seconds": args.seconds, "rounds": args.rounds, "apps": {}, "ratios": {}}
+    with ExitStack() as stack:
+        servers = {name: stack.enter_context(server) for name, server in servers_for(args, workdir).items()}
+        names = list(servers)
         for name, server in servers.items():
             out["apps"][name] = {"points": {}, "memory_after": {}, "log": str(server.log_path),
                                  "memory_start": [m.__dict__ for m in server.memory()]}
@@ -94,8 +131,10 @@ def http_part(args, workdir: Path, tool: str) -> dict:
             for name, server in servers.items():
                 out["apps"][name]["check"] = load.check_answer(server, data.body(n))
                 load.drive(server, files[n], args.warmup, args.connections, tool)
-            for _ in range(args.repeats):
-                for name, server in servers.items():
+            for round_ in range(args.rounds):
+                shift = round_ % len(names)
+                for name in names[shift:] + names[:shift]:
+                    server = servers[name]
                     machine.wait_quiet(args.wait_quiet, log=log)
                     with machine.CpuMeter([server.proc.pid, *server.workers()]) as meter:
                         result = load.drive(server, files[n], args.seconds, args.connections, tool)
@@ -105,11 +144,12 @@ def http_part(args, workdir: Path, tool: str) -> dict:
                 out["apps"][name]["points"][n] = point
                 out["apps"][name]["memory_after"][n] = [m.__dict__ for m in server.memory()]
                 log(
-                    f"  http {name:<7} {n:>5} Obs: {point['rps']:>7.1f} req/s (runs {', '.join(f'{r:.0f}' for r in point['rps_runs'])})"
+                    f"  http {name:<7} {n:>5} Obs: {point['rps']:>7.1f} req/s (rounds {', '.join(f'{r:.0f}' for r in point['rps_runs'])})"
                     f"  p50 {point['p50_ms']:.1f} ms  p99 {point['p99_ms']:.1f} ms  errors {point['errors']}"
                     f"  server CPU {point['server_cpu_ms_per_request']} ms/req  [{point['others_cores']:.2f} cores used by others]"
                 )
-            log(f"  [{time.monotonic() - started:.0f} s]")
+            out["ratios"][n] = {f"service/{other}": paired_ratio(runs, "service", other) for other in names if other != "service"}
+            log(f"  ratios at {n} Obs (median of per-round ratios): {out['ratios'][n]}  [{time.monotonic() - started:.0f} s]")
         for name, server in servers.items():
             mem = server.memory()
             out["apps"][name]["peak_rss_mb"] = [m.hwm_mb for m in mem]
@@ -190,7 +230,7 @@ def report(results: dict) -> str:
         ra = ip.get("ratio_5000_1000_answer")
         ok = None if r is None else r <= TARGET_SCALING
         lines.append(f"  ratio 5,000/1,000 (endpoint p50): {r}x; answer() alone: {ra}x   target <= {TARGET_SCALING:g}x: {verdict(ok)}")
-        targets.append(("in-process p50 5,000/1,000 <= 6x", f"{r}x", verdict(ok)))
+        targets.append((f"in-process p50 5,000/1,000 <= {TARGET_SCALING:g}x", f"{r}x", verdict(ok)))
         adv = ip.get("adversarial")
         if adv:
             ok = None if adv["ratio"] is None else adv["ratio"] <= inprocess.ADVERSARIAL_TARGET
@@ -203,42 +243,49 @@ def report(results: dict) -> str:
 
     http = results.get("http")
     if http:
+        apps = list(http["apps"])
         lines.append("")
         lines.append(
-            f"OVER HTTP  gunicorn.conf.py, sync x{load.WORKERS} workers, 127.0.0.1, {http['tool']} with {http['connections']} connections, "
-            f"median of {http['repeats']} x {http['seconds']:g} s runs"
+            f"OVER HTTP  2 workers each on 127.0.0.1: service = gunicorn.conf.py (sync); floor = Flask + json.loads, plain gunicorn (sync); "
+            f"peer = HealthChain 0.16.1, gunicorn + uvicorn workers (uvloop, httptools)"
         )
-        lines.append(f"  {'Obs':>5} {'app':<14} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} {'CPU ms/req':>10}  {'req/s of runs':<22} {'others':>6}")
-        svc, flo = http["apps"]["service"]["points"], http["apps"]["floor"]["points"]
+        lines.append(
+            f"  {http['tool']} with {http['connections']} connections; {http['rounds']} rounds of {http['seconds']:g} s per point, each round drives "
+            f"every server once in rotating order; figures are medians over rounds, ratios the median of per-round ratios,"
+        )
+        lines.append("  CPU ms/req is the servers' own CPU time (master + workers, /proc/<pid>/stat) over all rounds / requests: robust to other load")
+        lines.append(f"  {'Obs':>5} {'app':<14} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} {'CPU ms/req':>10}  {'req/s of rounds':<30} {'others':>6}")
+        pts = {name: http["apps"][name]["points"] for name in apps}
         for n in (100, 1000):
-            for name, pts in (("service", svc), ("floor", flo)):
-                p = pts[n]
+            for name in apps:
+                p = pts[name][n]
                 runs = ", ".join(f"{x:.0f}" for x in p["rps_runs"])
-                lines.append(f"  {n:>5} {name:<14} {p['rps']:>8.1f} {p['p50_ms']:>8.1f} {p['p99_ms']:>8.1f} {p['errors']:>6} {p['server_cpu_ms_per_request']:>10.2f}  {runs:<22} {p['others_cores']:>6.2f}")
-            s, f = svc[n], flo[n]
-            share = s["rps"] / f["rps"] if f["rps"] else float("nan")
-            cpu_share = f["server_cpu_ms_per_request"] / s["server_cpu_ms_per_request"] if s["server_cpu_ms_per_request"] else float("nan")
-            lines.append(
-                f"  {n:>5} {'service/floor':<14} {share:>8.2f} {s['p50_ms'] / f['p50_ms']:>8.2f} {s['p99_ms'] / f['p99_ms']:>8.2f} {'':>6} "
-                f"{s['server_cpu_ms_per_request'] / f['server_cpu_ms_per_request']:>10.2f}"
-            )
-            if n == 100:
-                ok = share >= TARGET_THROUGHPUT_SHARE
+                lines.append(f"  {n:>5} {name:<14} {p['rps']:>8.1f} {p['p50_ms']:>8.1f} {p['p99_ms']:>8.1f} {p['errors']:>6} {p['server_cpu_ms_per_request']:>10.2f}  {runs:<30} {p['others_cores']:>6.2f}")
+            s = pts["service"][n]
+            for other in apps[1:]:
+                o = pts[other][n]
+                ratio = http["ratios"][n].get(f"service/{other}")
+                cpu_ratio = o["server_cpu_ms_per_request"] / s["server_cpu_ms_per_request"] if s["server_cpu_ms_per_request"] else float("nan")
+                label = f"service/{other}"
                 lines.append(
-                    f"        target at 100 Obs: throughput >= {TARGET_THROUGHPUT_SHARE:.0%} of floor: {share:.0%} -> {verdict(ok)}"
-                    f"   (CPU-bound bound from CPU ms/req: {cpu_share:.0%})"
+                    f"  {n:>5} {label:<14} {ratio:>8.2f} {s['p50_ms'] / o['p50_ms']:>8.2f} {s['p99_ms'] / o['p99_ms']:>8.2f} {'':>6} "
+                    f"{s['server_cpu_ms_per_request'] / o['server_cpu_ms_per_request']:>10.2f}  (req/s ratio from CPU/req: {cpu_ratio:.2f})"
                 )
-                targets.append(("HTTP 100 Obs: req/s >= 50% of floor", f"{share:.0%}", verdict(ok)))
-            else:
+                target = TARGET_RATIOS.get((n, other))
+                if target is not None:
+                    ok = ratio >= target
+                    lines.append(f"        target: service/{other} req/s >= {target:g} at {n:,} Obs: {ratio:.2f} -> {verdict(ok)}")
+                    targets.append((f"HTTP {n:,} Obs: service/{other} >= {target:g}", f"{ratio:.2f}", verdict(ok)))
+            if n == 1000:
                 ok = s["p99_ms"] < TARGET_P99_1000_MS
                 lines.append(f"        target at 1,000 Obs: service p99 < {TARGET_P99_1000_MS:g} ms: {s['p99_ms']:.1f} ms -> {verdict(ok)}")
-                targets.append(("HTTP 1,000 Obs: p99 < 100 ms", f"{s['p99_ms']:.1f} ms", verdict(ok)))
-        peaks = {name: http["apps"][name]["peak_rss_mb"] for name in ("service", "floor")}
+                targets.append((f"HTTP 1,000 Obs: p99 < {TARGET_P99_1000_MS:g} ms", f"{s['p99_ms']:.1f} ms", verdict(ok)))
+        peaks = {name: http["apps"][name]["peak_rss_mb"] for name in apps}
         worst = max(peaks["service"] or [0])
         ok = worst < TARGET_RSS_MB
         lines.append(
-            f"  peak RSS per worker (VmHWM): service {', '.join(f'{x:.1f}' for x in peaks['service'])} MB; "
-            f"floor {', '.join(f'{x:.1f}' for x in peaks['floor'])} MB   target < {TARGET_RSS_MB:g} MB: {verdict(ok)}"
+            "  peak RSS per worker (VmHWM): " + "; ".join(f"{name} {', '.join(f'{x:.1f}' for x in peaks[name])} MB" for name in apps)
+            + f"   target (service) < {TARGET_RSS_MB:g} MB: {verdict(ok)}"
         )
         targets.append(("RSS per worker < 200 MB", f"{worst:.1f} MB", verdict(ok)))
 
@@ -254,6 +301,9 @@ def report(results: dict) -> str:
             f"growth {soak['growth_mb']:+.1f} MB; same workers throughout: {'yes' if soak['same_workers'] else 'NO (a worker was replaced)'}"
         )
         targets.append(("soak: RSS per worker < 200 MB", f"{max(soak['hwm_after_mb'] or [0]):.1f} MB", verdict(max(soak["hwm_after_mb"] or [0]) < TARGET_RSS_MB)))
+        flat = soak["growth_mb"] <= TARGET_SOAK_GROWTH_MB and soak["same_workers"]
+        targets.append((f"soak: RSS flat (growth <= {TARGET_SOAK_GROWTH_MB:g} MB)", f"{soak['growth_mb']:+.1f} MB", verdict(flat)))
+        targets.append(("soak: 0 errors", str(soak["errors"]), verdict(soak["errors"] == 0)))
 
     if targets:
         lines.append("")
@@ -273,8 +323,8 @@ def report(results: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quick = args.quick
-    args.seconds = args.seconds or (3.0 if quick else 6.0)
-    args.repeats = args.repeats or (1 if quick else 3)
+    args.seconds = args.seconds or (2.0 if quick else 3.0)
+    args.rounds = args.rounds or (3 if quick else 7)
     args.soak_seconds = args.soak_seconds or (8.0 if quick else 30.0)
     args.warmup = 1.0 if quick else 2.0
     parts = set(args.only or ["inprocess", "http", "soak"])
@@ -325,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="calcinosis-bench-") as tmp:
         workdir = Path(tmp)
         if "http" in parts:
-            log(f"over HTTP ({tool}, {args.connections} connections, {args.repeats} x {args.seconds:g} s per point):")
+            log(f"over HTTP ({tool}, {args.connections} connections, {args.rounds} rounds x {args.seconds:g} s per server and point):")
             results["http"] = http_part(args, workdir, tool)
         if "soak" in parts:
             log(f"soak ({args.soak_seconds:g} s):")

@@ -275,6 +275,8 @@ def hook_request(n: int, *, seed: int = SEED, now: str = NOW, adversarial: bool 
             "patient": patient(),
             "observations": _searchset(make(n, seed=seed, now=now), f"Observation?patient={PATIENT_ID}&_sort=-date"),
             "conditions": _searchset(conditions(), f"Condition?patient={PATIENT_ID}&clinical-status=active,recurrence,relapse"),
+            # The service now also prefetches dialysis procedures; this patient's are not on file.
+            "procedures": _searchset([], f"Procedure?patient={PATIENT_ID}&status=completed&_sort=-date"),
         },
     }
 

@@ -1,14 +1,16 @@
-"""The floor: the least a Flask app must do to answer the same request under the same gunicorn.
+"""The floor: the least a Flask app must do to answer the same request.
 
-It reads the body, parses it with orjson (as the service does) and returns one constant
-card. Whatever the service costs above this is the service's own work: the rules, the
-patient record, card rendering and logging. Served with the repo's gunicorn.conf.py:
+It reads the body, parses it with the standard library's `json.loads` and returns one
+constant card, under plain gunicorn (2 sync workers, no config file). Whatever the
+service costs above this is the service's own work: the rules, the patient record,
+card rendering, logging and its gunicorn settings.
 
-    gunicorn --config gunicorn.conf.py --bind 127.0.0.1:8090 'bench.floor:app'
+    gunicorn --workers 2 --bind 127.0.0.1:8090 'bench.floor:app'
 """
 from __future__ import annotations
 
-import orjson
+import json
+
 from flask import Flask, Response, request
 
 CARD = {
@@ -22,27 +24,15 @@ CARD = {
         }
     ]
 }
-CARD_BYTES = orjson.dumps(CARD)
-
-
-class _NoRules:
-    """gunicorn.conf.py's pre_fork hook refreshes the service's rule store; the floor has none."""
-
-    def refresh(self) -> None:
-        return None
-
-
-class _Extension:
-    rules = _NoRules()
+CARD_BYTES = json.dumps(CARD).encode()
 
 
 def create_app() -> Flask:
     app = Flask(__name__)
-    app.extensions["calcinosis"] = _Extension()
 
     @app.post("/cds-services/<service_id>")
     def invoke(service_id: str) -> Response:
-        body = orjson.loads(request.get_data(cache=False))
+        body = json.loads(request.get_data(cache=False))
         if not isinstance(body, dict) or "hook" not in body:
             return Response(b'{"error":"bad request"}', status=400, mimetype="application/json")
         return Response(CARD_BYTES, mimetype="application/json")

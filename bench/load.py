@@ -1,9 +1,12 @@
-"""Over HTTP: the service and the floor under the repo's gunicorn.conf.py, driven on loopback.
+"""Over HTTP: the service, the floor and the peer, each under gunicorn with 2 workers, driven on loopback.
 
-Each app runs in its own gunicorn (sync workers, 2 workers, bound to 127.0.0.1 on a
-free port). The load generator is wrk when installed (it takes the least CPU from
-the server on a 2-core machine), else a Python client with threads. Every run is
-bounded in time, and the Python client also in request count.
+- the service: the repo's `gunicorn.conf.py` (sync workers);
+- the floor (`bench/floor.py`): plain gunicorn, 2 sync workers, no config file;
+- the peer (`bench/peer_app.py`): HealthChain under gunicorn with uvicorn workers, from its own virtualenv.
+
+Every server binds 127.0.0.1 on a free port. The load generator is wrk when installed
+(it takes the least CPU from the server on a 2-core machine), else a Python client with
+threads. Every run is bounded in time, and the Python client also in request count.
 """
 from __future__ import annotations
 
@@ -30,6 +33,12 @@ PATH = f"/cds-services/{data.SERVICE_ID}"
 SERVICE_APP = "service:create_app()"
 FLOOR_APP = "bench.floor:app"
 WORKERS = 2
+
+
+def gunicorn_command(app: str, port: int, *, config: bool = True) -> list[str]:
+    """This interpreter's gunicorn serving `app`: with the repo's gunicorn.conf.py, or plain (2 sync workers)."""
+    settings = ["--config", str(ROOT / "gunicorn.conf.py")] if config else ["--workers", str(WORKERS), "--worker-class", "sync"]
+    return [sys.executable, "-m", "gunicorn", *settings, "--pythonpath", str(ROOT), "--bind", f"127.0.0.1:{port}", app]
 
 
 def free_port() -> int:
@@ -66,11 +75,15 @@ class Memory:
 
 
 class Gunicorn:
-    """One gunicorn master with the repo's config; stopped by its own pid (and its session)."""
+    """One gunicorn master (the repo's config unless `command` says otherwise); stopped by its own pid (and its session)."""
 
-    def __init__(self, app: str, workdir: Path, name: str) -> None:
+    def __init__(self, app: str, workdir: Path, name: str, command=None) -> None:
+        """`command(port)` gives the argv; by default this interpreter's gunicorn with gunicorn.conf.py."""
         self.app, self.name = app, name
         self.port = free_port()
+        self.command = (command or (lambda port: gunicorn_command(app, port)))(self.port)
+        # gunicorn reads ./gunicorn.conf.py when no --config is given: start outside the repo.
+        self.cwd = workdir
         self.url = f"http://127.0.0.1:{self.port}{PATH}"
         self.log_path = workdir / f"gunicorn-{name}.log"
         metrics_dir = workdir / f"metrics-{name}"  # prometheus-client multiprocess files, removed with workdir
@@ -89,9 +102,8 @@ class Gunicorn:
     def __enter__(self) -> "Gunicorn":
         log = open(self.log_path, "wb")  # noqa: SIM115 - closed with the process
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--config", str(ROOT / "gunicorn.conf.py"),
-             "--bind", f"127.0.0.1:{self.port}", self.app],
-            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            self.command,
+            cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         log.close()
         self._wait_ready(timeout=60)

@@ -188,6 +188,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.config.update(config_module.from_environment())
     if test_config:
         app.config.update(test_config)
+    if app.config["VALIDATION"] not in config_module.VALIDATION_MODES:
+        raise SystemExit(f"CDS_VALIDATION={app.config['VALIDATION']!r}: expected one of {', '.join(config_module.VALIDATION_MODES)}")
     app.json.sort_keys = False
     logs.configure(app.config["LOG_LEVEL"])
 

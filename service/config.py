@@ -30,12 +30,16 @@ SETTINGS: dict[str, tuple[str, object]] = {
     "CORS_ORIGINS": ("CDS_CORS_ORIGINS", "*"),
     "NOW": ("CDS_NOW", ""),
     "LOG_LEVEL": ("CDS_LOG_LEVEL", "INFO"),
+    # strict: check the elements the engine reads (service/patient/strict.py); full: also validate
+    # every resource a rule reads with fhir.resources (~200 µs each, docs/performance.md).
+    "VALIDATION": ("CDS_VALIDATION", "strict"),
     "ACCESS_LOG": ("CDS_ACCESS_LOG", True),
     # Secret for the keyed hashes that stand for patients in the store. Required when client
     # authentication is on; without auth (local demos) one is generated into PATIENT_KEY_FILE.
     "PATIENT_KEY": ("CDS_PATIENT_KEY", ""),
     "PATIENT_KEY_FILE": ("CDS_PATIENT_KEY_FILE", str(Path.cwd() / "data" / "patient-key")),
 }
+VALIDATION_MODES = ("strict", "full")
 
 
 def from_environment(environ: dict[str, str] | None = None) -> dict:

@@ -211,12 +211,13 @@ def _strict(lines, report: ReadReport, lenient: bool):
         raise InputError(report.last)
 
 
-def run_case(ruleset: RuleSet, case: Case, now: datetime | None = None) -> CaseResult:
+def run_case(ruleset: RuleSet, case: Case, now: datetime | None = None, *, full_validation: bool = False) -> CaseResult:
     """Evaluate the rules for one case at `now`, else the case's own time, else the clock."""
     base_url = (case.request or {}).get("fhirServer")
     record = PatientRecord(
         ruleset.code_index, case.patient_id, aliases=case.aliases, base_url=base_url if isinstance(base_url, str) else None,
         attributed=case.attributed,
+        full_validation=full_validation,
     )
     record.add_all(case.resources)
     evaluation = evaluate(ruleset, record, now or case.as_of or datetime.now(UTC))

@@ -43,6 +43,7 @@ class Outcome:
     evaluated_at: str | None = None
     error: dict | None = None  # {"status": int | None, "code": str | None, "message": str}
     expected: list[str] | None = None  # None: no expectation (or --expect not asked for)
+    invalid: list[str] = field(default_factory=list)  # --validate: "Type/id: problem" per invalid resource
 
     @property
     def fired(self) -> list[str]:
@@ -72,6 +73,8 @@ class Outcome:
             "cards": [{"rule": c.rule, "indicator": c.indicator, "summary": c.summary} for c in self.cards],
             "error": self.error,
         }
+        if self.invalid:
+            body["invalid"] = self.invalid
         if with_expectation:
             body |= {"expectation": self.expectation, "expected": self.expected, "missing": self.missing, "unexpected": self.unexpected}
         return body

@@ -27,9 +27,9 @@ from service.hook_client import DEFAULT_TIMEOUT, SERVICE_ID, Card, HookClient, H
 PROGRESS_AFTER = 20  # cases; smaller runs finish before a bar is worth drawing
 
 EPILOG = """\
-exit status: 0 all cases answered (and, with --expect, matched); 1 a mismatch, a case
-that could not be evaluated or answered, or a broken rule set; 2 unreadable input or
-bad arguments.
+exit status: 0 all cases answered (and, with --expect, matched; with --validate, every
+resource valid); 1 a mismatch, an invalid resource, a case that could not be evaluated or
+answered, or a broken rule set; 2 unreadable input or bad arguments.
 
 expectations (--expect): for a case read from file X (e.g.
 esrd-dialysis-high-product.json), the rules listed under X's `expect` in the
@@ -53,13 +53,24 @@ def expected_rules(case) -> list[str] | None:
 
 # --- in-process ------------------------------------------------------------------------------------
 
-def evaluate_case(ruleset, case, when: datetime) -> Outcome:
-    """Run the rules over one case; an engine failure is reported for this case only."""
+def evaluate_case(ruleset, case, when: datetime, validate: bool = False) -> Outcome:
+    """Run the rules over one case; an engine failure is reported for this case only.
+
+    With `validate`, every resource of the case is validated with fhir.resources and the rules
+    read resources as under CDS_VALIDATION=full.
+    """
     from service.harness import run_case
+    from service.patient.validation import validation_error
 
     outcome = Outcome(case.name, case.patient_id, case.source)
+    if validate:
+        for resource in case.resources:
+            problem = validation_error(resource)
+            if problem:
+                kind, rid = resource.get("resourceType"), resource.get("id")
+                outcome.invalid.append(f"{kind if isinstance(kind, str) else '?'}/{rid if isinstance(rid, str) else '(no id)'}: {problem}")
     try:
-        result = run_case(ruleset, case, when)
+        result = run_case(ruleset, case, when, full_validation=validate)
     except Exception as exc:  # noqa: BLE001 - one bad case must not end a run of thousands
         outcome.error = _error("evaluation_failed", f"{type(exc).__name__}: {exc}")
         return outcome
@@ -136,6 +147,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rules", help="rules folder (default: CDS_RULES_DIR or ./rules); in --url mode used only for --expect")
     p.add_argument("--now", metavar="ISO", help="evaluate at this time (default: each case's own Bundle.timestamp, else now); in-process only")
     p.add_argument("--json", action="store_true", help="one JSON object per patient on stdout (NDJSON); summaries go to stderr")
+    p.add_argument("--validate", action="store_true", help="validate every resource with fhir.resources (as CDS_VALIDATION=full) and list the invalid ones; exit 1 if any")
     p.add_argument("--expect", action="store_true", help="compare fired rules with each scenario's expect in scenarios.yaml beside it; exit 1 on a mismatch")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it is shown on a terminal for more than 20 cases)")
     remote = p.add_argument_group("against a running service")
@@ -161,6 +173,8 @@ def _check_arguments(p: argparse.ArgumentParser, args) -> None:
         p.error("--timeout must be positive")
     if args.screen and (args.url or args.json or args.expect):
         p.error("--screen runs the rules itself and writes its own file: it does not combine with --url, --json or --expect")
+    if args.validate and (args.url or args.screen):
+        p.error("--validate runs in-process: it does not combine with --url or --screen")
     if args.workers is not None and not args.screen:
         p.error("--workers is for --screen")
 
@@ -247,7 +261,7 @@ def _replay(args, ruleset, cases: list, now: datetime | None, client: HookClient
             if client is not None:
                 outcome = client.call(case)
             else:
-                outcome = evaluate_case(ruleset, case, now or case.as_of or fallback)
+                outcome = evaluate_case(ruleset, case, now or case.as_of or fallback, args.validate)
             if args.expect:
                 outcome.expected = expected_rules(case)
             outcomes.append(outcome)
@@ -278,6 +292,14 @@ def _summarise(args, outcomes: list[Outcome]) -> int:
         for o in unexpected_none:
             print(f"  no expectation: {o.name} (no rule's tests name it)", file=out)
         failed = failed or bool(mismatches)
+    if args.validate:
+        invalid = [(o, problem) for o in outcomes for problem in o.invalid]
+        print(f"validation (fhir.resources, every resource): {len(invalid)} invalid resource(s) in {len({o.name for o, _ in invalid})} case(s)", file=out)
+        for o, problem in invalid[:50]:
+            print(f"  INVALID {o.name}: {problem}", file=out)
+        if len(invalid) > 50:
+            print(f"  ... and {len(invalid) - 50} more", file=out)
+        failed = failed or bool(invalid)
     return 1 if failed else 0
 
 

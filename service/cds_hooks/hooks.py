@@ -41,6 +41,7 @@ def answer(service: CdsService, body: object, ext) -> Outcome:
     record = PatientRecord(
         ruleset.code_index, hook_request.patient_id, log_context=log_context,
         aliases=patient_aliases(hook_request.prefetch.values(), hook_request.patient_id), base_url=hook_request.fhir_server,
+        full_validation=ext.config["VALIDATION"] == "full",
     )
     for resources in resolved.resources.values():
         record.add_all(resources)

@@ -416,7 +416,7 @@ class _Loader:
     def leaf(self, file: _File, path: tuple, node: dict, rule: str | None) -> Leaf | None:
         unknown = set(node) - {"fact", "operator", "value"}
         if unknown:
-            self.error(file, path + (sorted(unknown)[0],), f"unknown key; a condition has fact, operator and value (or all/any/not)", rule)
+            self.error(file, path + (sorted(unknown)[0],), "unknown key; a condition has fact, operator and value (or all/any/not)", rule)
             return None
         for key in ("fact", "operator"):
             if not isinstance(node.get(key), str):

@@ -1,9 +1,11 @@
 """A patient's resources indexed by value set once per request.
 
 Building the record walks the raw JSON once and keeps only resources whose code is
-in a value set some rule reads; nothing is validated until a rule asks for its value
-(see `service.engine.record`). Invalid resources are counted and logged by type and
-id, never fatal.
+in a value set some rule reads; nothing is checked until a rule asks for its value
+(see `service.engine.record`). Then the elements the engine reads are checked strictly
+(`service.patient.strict`); with `full_validation` (CDS_VALIDATION=full) the whole
+resource is also validated with fhir.resources. Invalid resources are counted and
+logged by type and id, never fatal.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import msgspec
 
 from .dates import parse_date, parse_datetime
 from .lazy import Coding, Concept, Head, RawResource, UnreadableJson
+from .strict import strict_problem
 from .validation import validation_error
 
 log = logging.getLogger(__name__)
@@ -42,8 +45,10 @@ class PatientRecord:
     def __init__(
         self, code_index: CodeIndex, patient_id: str | None = None, *, log_context: dict | None = None,
         aliases: Iterable[str] = (), base_url: str | None = None, attributed: bool = False,
+        full_validation: bool = False,
     ) -> None:
         self.code_index = code_index
+        self.full_validation = full_validation
         self.patient_id = patient_id
         # The caller already attributed every resource to this patient (a Bulk export reader
         # grouping by reference): subject references are not checked again.
@@ -127,7 +132,7 @@ class PatientRecord:
         self.unreadable += 1
         rid = full.get("id") if isinstance(full.get("id"), str) else "(no id)"
         if self.unreadable <= MAX_DESCRIBED_UNREADABLE:
-            error = self._invalid(kind, rid, validation_error(full) or f"unreadable structure ({problem})")
+            error = self._invalid(kind, rid, self.problem(full, kind) or f"unreadable structure ({problem})")
         else:
             error = InvalidResource(kind, rid, f"unreadable structure ({problem})")
             if self.unreadable == MAX_DESCRIBED_UNREADABLE + 1:
@@ -261,12 +266,19 @@ class PatientRecord:
             log.warning("invalid FHIR resource skipped", extra={"event": "invalid_resource", "resource": shown, "problem": problem, **self._log_context})
         return InvalidResource(kind, rid, problem)
 
+    def problem(self, resource: object, kind: str) -> str | None:
+        """What makes a resource unreadable: the strict checks, then (CDS_VALIDATION=full) fhir.resources."""
+        problem = strict_problem(resource, kind)
+        if problem is None and self.full_validation:
+            problem = validation_error(resource)  # type: ignore[arg-type]
+        return problem
+
     def _validate(self, source: dict | RawResource, kind: str, rid: str) -> dict:
         try:
             resource = source.decode() if isinstance(source, RawResource) else source
         except UnreadableJson as exc:
             raise self._invalid(kind, rid, str(exc)) from None
-        problem = validation_error(resource)
+        problem = self.problem(resource, kind)
         if problem:
             raise self._invalid(kind, rid, problem)
         return resource
@@ -327,9 +339,9 @@ class PatientRecord:
             self._patient_checked = True
             raw = self._patient_raw
             if raw is not None:
-                problem = validation_error(raw)
+                problem = self.problem(raw, "Patient")
                 if problem:
-                    self._invalid("Patient", raw.get("id") or "(no id)", problem)
+                    self._invalid("Patient", raw.get("id") if isinstance(raw.get("id"), str) else "(no id)", problem)
                 else:
                     self._patient = PatientInfo(raw.get("id", ""), parse_date(raw.get("birthDate")), raw.get("gender"))
         return self._patient

@@ -10,6 +10,8 @@ from functools import lru_cache
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
+from .strict import REQUEST_INTENT, REQUEST_PRIORITY, REQUEST_STATUS
+
 
 @lru_cache(maxsize=None)
 def _model(resource_type: str):
@@ -19,11 +21,7 @@ def _model(resource_type: str):
 # fhir.resources checks structure, not codes (it accepts status "bogus"): the required
 # bindings of the resources rules propose are checked here.
 REQUIRED_CODES = {
-    "ServiceRequest": {
-        "status": {"draft", "active", "on-hold", "revoked", "completed", "entered-in-error", "unknown"},
-        "intent": {"proposal", "plan", "directive", "order", "original-order", "reflex-order", "filler-order", "instance-order", "option"},
-        "priority": {"routine", "urgent", "asap", "stat"},
-    },
+    "ServiceRequest": {"status": REQUEST_STATUS, "intent": REQUEST_INTENT, "priority": REQUEST_PRIORITY},
 }
 
 

@@ -70,6 +70,14 @@ def test_scenario_with_prefetch_gives_exactly_its_expected_cards(client, name):
     assert fired(client.post(URL, json=request_with_prefetch(name))) == expected(name)
 
 
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_scenario_under_full_validation_gives_the_same_cards(tmp_path, name):
+    from tests.conftest import make_app
+
+    client = make_app(tmp_path, VALIDATION="full").test_client()
+    assert fired(client.post(URL, json=request_with_prefetch(name))) == expected(name)
+
+
 @pytest.mark.parametrize("name", FROM_SERVER)
 @responses.activate
 def test_scenario_from_the_fhir_server_gives_the_same_cards(client, name):

@@ -82,6 +82,28 @@ def test_replaying_the_fixtures_with_expect_exits_0_and_prints_each_patients_rul
     assert f"expectations: {len(rows)} ok, 0 mismatch(es), 0 case(s) without expectation" in out
 
 
+def test_validate_checks_every_resource_of_the_fixtures_fully_and_exits_0(capsys):
+    assert main([str(FIXTURES), "--validate", "--no-progress"]) == 0
+    assert "validation (fhir.resources, every resource): 0 invalid resource(s) in 0 case(s)" in capsys.readouterr().out
+
+
+def test_validate_lists_a_resource_no_rule_reads_and_exits_1(tmp_path, capsys):
+    bundle = json.loads((FIXTURES / HIGH_PRODUCT).read_text())
+    bundle["entry"].append({"resource": {
+        "resourceType": "Observation", "id": "weight-1", "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "29463-7"}]},
+        "subject": {"reference": bundle["entry"][0]["resource"]["resourceType"] + "/" + bundle["entry"][0]["resource"]["id"]},
+        "performer": "the scale",
+    }})
+    (tmp_path / HIGH_PRODUCT).write_text(json.dumps(bundle))
+    assert main([str(tmp_path / HIGH_PRODUCT), "--validate", "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert "1 invalid resource(s) in 1 case(s)" in out
+    assert f"INVALID {HIGH_PRODUCT}: Observation/weight-1: performer" in out
+    # Without --validate the same file replays cleanly: nothing the rules read is wrong.
+    assert main([str(tmp_path / HIGH_PRODUCT), "--no-progress"]) == 0
+
+
 def test_expect_exits_1_and_names_the_mismatch_when_a_threshold_is_raised(tmp_path, capsys):
     rules = tmp_path / "rules"
     shutil.copytree(RULES, rules)

@@ -22,8 +22,8 @@ def raw(resource: dict) -> RawResource:
 
 def test_fifty_thousand_resources_with_an_unreadable_code_are_counted_but_only_a_few_validated(monkeypatch):
     calls = []
-    real = record_module.validation_error
-    monkeypatch.setattr(record_module, "validation_error", lambda r: calls.append(1) or real(r))
+    real = PatientRecord.problem
+    monkeypatch.setattr(PatientRecord, "problem", lambda self, r, kind: calls.append(1) or real(self, r, kind))
     record = PatientRecord(RULESET.code_index, "p1")
     started = time.perf_counter()
     record.add_all(
