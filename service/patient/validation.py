@@ -44,6 +44,8 @@ def validation_error(resource: dict) -> str | None:
         return f"{location or resource_type}: {first.get('msg', 'invalid')}{more}"
     except (TypeError, ValueError) as exc:  # fhir.resources raises these for some malformed primitives
         return str(exc).splitlines()[0]
+    except RecursionError:  # elements nested deeper than the interpreter's stack (e.g. 900 levels of extension)
+        return "nested too deeply to validate"
     for field, allowed in REQUIRED_CODES.get(resource_type, {}).items():
         if field in resource and resource[field] not in allowed:
             return f"{field}: {resource[field]!r} is not one of {', '.join(sorted(allowed))}"

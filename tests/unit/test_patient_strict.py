@@ -227,3 +227,12 @@ def test_a_resource_of_another_type_than_expected_is_refused():
     assert strict_problem(PATIENT, "Observation") == "resourceType: 'Patient', expected 'Observation'"
     assert strict_problem({"resourceType": "Basic"}).startswith("resourceType")
     assert strict_problem(["not", "a", "resource"]) == "not a JSON object"
+
+
+def test_an_extension_nested_past_the_stack_is_invalid_under_full_validation_not_a_crash():
+    extension = {"url": "http://example.org/x", "valueString": "a"}
+    for _ in range(900):
+        extension = {"url": "http://example.org/x", "extension": [extension]}
+    deep = changed(OBSERVATION, extension=[extension])
+    assert validation_error(deep) == "nested too deeply to validate"
+    assert strict_problem(deep) is None  # the engine never reads extensions
