@@ -482,8 +482,28 @@ class _Loader:
             file=file.name,
             override_reasons=reasons,
             snooze=snooze,
-            snooze_fingerprint=rule_fingerprint(doc),
+            snooze_fingerprint=rule_fingerprint(doc, self._definitions_read(when, card)),
         )
+
+    def _definitions_read(self, when: Expr, card: CardSpec) -> list[str]:
+        """The specs of every fact the rule reads, shared definitions followed to their leaves.
+
+        A snooze belongs to what the rule decided: editing a shared definition in facts.yaml
+        (kidney failure, a look-back, a threshold) changes the rule as much as editing its file.
+        """
+        names = facts_in(when) + card.summary.fact_names
+        for line in card.detail:
+            names += list(line.facts) + (facts_in(line.when) if line.when else [])
+        seen: dict[str, str] = {}
+        while names:
+            name = names.pop()
+            fact = self.facts.get(name)
+            if name in seen or fact is None:
+                continue
+            seen[name] = repr(fact)
+            if isinstance(fact, DefinitionFact):
+                names += facts_in(fact.when)
+        return [seen[n] for n in sorted(seen)]
 
     def override_reasons(self, file: _File, doc: dict, rule: str) -> tuple[str, ...]:
         """The reason codes this rule's cards offer: all of settings' list, or the rule's narrower one."""
@@ -721,9 +741,9 @@ def fingerprint(root: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def rule_fingerprint(doc: dict) -> str:
-    """Hash what a rule decides and says (`when` and `card`), not its tests, sources or snooze times."""
-    text = json.dumps({"when": doc["when"], "card": doc["card"]}, sort_keys=True, default=str)
+def rule_fingerprint(doc: dict, facts: list[str] = ()) -> str:
+    """Hash what a rule decides and says (`when`, `card` and the facts they read), not its sources or snooze times."""
+    text = json.dumps({"when": doc["when"], "card": doc["card"], "facts": list(facts)}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

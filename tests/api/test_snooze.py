@@ -185,6 +185,19 @@ def test_an_edited_rule_lifts_the_snooze(app, client, rules_dir, snooze_log):
     assert [e["cause"] for e in snooze_log() if e["event"] == "snooze_lifted"] == ["rule changed"]
 
 
+def test_an_edited_shared_definition_the_rule_reads_lifts_the_snooze(app, client, rules_dir, snooze_log):
+    body = request_with_prefetch(SCENARIO)
+    dismiss(client, cards_by_rule(client, body)[RISK], "already-addressed")
+    assert RISK not in cards_by_rule(client, body)
+    facts = rules_dir / "facts.yaml"
+    text = facts.read_text()
+    assert "within: P7D" in text  # the Ca x P pairing window, read by calciphylaxis-risk through ca_x_p
+    facts.write_text(text.replace("within: P7D", "within: P3D", 1))
+    assert app.extensions["calcinosis"].rules.refresh(force=True)
+    assert RISK in cards_by_rule(client, body)
+    assert [e["cause"] for e in snooze_log() if e["event"] == "snooze_lifted"] == ["rule changed"]
+
+
 def test_editing_only_a_rules_description_keeps_the_snooze(app, client, rules_dir):
     body = request_with_prefetch(SCENARIO)
     dismiss(client, cards_by_rule(client, body)[RISK], "already-addressed")
