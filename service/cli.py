@@ -140,7 +140,11 @@ def explain_text(result) -> str:
     """Say, for each rule, whether it fired and why; then every value the rules read."""
     evaluation, case = result.evaluation, result.case
     evaluator = evaluation.evaluator
-    lines = [f"{case.name}: patient {case.patient_id or '(unknown)'}, evaluated at {evaluator.now.isoformat()}", ""]
+    lines = [f"{case.name}: patient {case.patient_id or '(unknown)'}, hook {case.hook}, evaluated at {evaluator.now.isoformat()}"]
+    if case.hook != "patient-view":
+        lines.append(f"draft orders in scope: {', '.join(o.reference for o in case.orders) or 'none'}")
+        lines += [f"  {o.reference} could not be read: {o.problem}" for o in case.orders if o.problem]
+    lines.append("")
     for finding in evaluation.findings:
         state = "FIRED" if finding.fired else (f"SUPPRESSED by {finding.suppressed_by}" if finding.suppressed_by else ("not fired (unknown)" if finding.result is None else "not fired"))
         lines.append(f"{finding.rule.id}: {state}")
@@ -180,6 +184,8 @@ def cmd_explain(args) -> int:
         if args.json:
             print(json.dumps({
                 "patient": case.patient_id,
+                "hook": case.hook,
+                "orders_in_scope": [o.reference for o in case.orders],
                 "evaluated_at": result.evaluation.evaluator.now.isoformat(),
                 "rules": [{"id": f.rule.id, "fired": f.fired, "result": f.result, "suppressed_by": f.suppressed_by, "trace": f.trace} for f in result.evaluation.findings],
                 "invalid_resources": result.record.invalid,

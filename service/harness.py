@@ -19,6 +19,8 @@ from typing import Iterator
 import orjson
 
 from service.engine.cards import CardContent, render_card
+from service.engine.model import ORDER_HOOKS
+from service.engine.record import OrderEntry
 from service.engine.evaluate import Evaluation, evaluate
 from service.engine.model import RuleSet
 from service.patient.dates import parse_datetime
@@ -37,6 +39,8 @@ class Case:
     as_of: datetime | None = None
     request: dict | None = None  # the original hook request, when the input was one
     source: str = ""
+    hook: str = "patient-view"
+    orders: tuple[OrderEntry, ...] = ()  # order hooks: the draft orders in scope (selected, or all for order-sign)
 
 
 @dataclass
@@ -68,7 +72,19 @@ def case_from_json(data: object, name: str, source: str = "") -> Case:
         patient_id = (data.get("context") or {}).get("patientId")
         stamps = [parse_datetime(v.get("timestamp")) for v in prefetch.values() if isinstance(v, dict)]
         as_of = next((s for s in stamps if s), None)
-        return Case(name, patient_id, resources, as_of, data, source)
+        hook = data.get("hook")
+        orders: tuple[OrderEntry, ...] = ()
+        if hook in ORDER_HOOKS:
+            from service.cds_hooks.orders import parse_draft_orders
+            from service.errors import BadRequest
+
+            try:
+                orders = parse_draft_orders(data.get("context") or {}, hook, str(patient_id)).in_scope
+            except BadRequest as exc:
+                raise InputError(f"{source or name}: {exc.message}") from None
+        elif hook != "patient-view":
+            raise InputError(f"{source or name}: hook {hook!r} is not one this service answers (patient-view, order-select, order-sign)")
+        return Case(name, patient_id, resources, as_of, data, source, hook, orders)
     if data.get("resourceType") == "Bundle":
         resources = resources_in(data)
         patient_id = next((r.get("id") for r in resources if r.get("resourceType") == "Patient"), None)
@@ -127,7 +143,8 @@ def run_case(ruleset: RuleSet, case: Case, now: datetime | None = None) -> CaseR
     """Evaluate the rules for one case at `now`, else the case's own time, else the clock."""
     record = PatientRecord(ruleset.code_index, case.patient_id)
     record.add_all(case.resources)
-    evaluation = evaluate(ruleset, record, now or case.as_of or datetime.now(UTC))
+    record.add_orders(case.orders)
+    evaluation = evaluate(ruleset, record, now or case.as_of or datetime.now(UTC), case.hook)
     cards = [render_card(f, evaluation.evaluator, ruleset) for f in evaluation.fired]
     return CaseResult(case, evaluation, record, cards)
 

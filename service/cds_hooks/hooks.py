@@ -23,6 +23,7 @@ class Outcome:
     other_patient_resources: int
     incomplete: list[str]
     sources: dict[str, str]
+    other_patient_orders: int = 0
 
 
 def answer(service: CdsService, body: object, ext) -> Outcome:
@@ -30,19 +31,24 @@ def answer(service: CdsService, body: object, ext) -> Outcome:
     hook_request = parse_hook_request(body, service.hook)
     ruleset = ext.rules.current  # one rule set for the whole call, even if a reload lands meanwhile
     log_context = {"hookInstance": hook_request.hook_instance, "service": service.id}
-    templates = prefetch_templates(ruleset, ext.config["PREFETCH_COUNT"])
+    templates = prefetch_templates(ruleset, ext.config["PREFETCH_COUNT"], service.hook)
     resolved = resolve(hook_request, templates, ext.fetch_settings, log_context)
     record = PatientRecord(ruleset.code_index, hook_request.patient_id, log_context=log_context)
     for resources in resolved.resources.values():
         record.add_all(resources)
-    evaluation = evaluate(ruleset, record, ext.now())
+    orders = hook_request.draft_orders
+    if orders is not None:
+        record.add_orders(orders.in_scope)
+    evaluation = evaluate(ruleset, record, ext.now(), service.hook)
     cards = [
         to_cds_card(
             render_card(finding, evaluation.evaluator, ruleset),
             patient_id=hook_request.patient_id,
+            encounter_id=hook_request.encounter_id,
             settings=ruleset.settings,
             documentation_url=ext.documentation_url,
             new_uuid=ext.new_uuid,
+            log_context=log_context,
         )
         for finding in evaluation.fired
     ]
@@ -50,4 +56,7 @@ def answer(service: CdsService, body: object, ext) -> Outcome:
     if record.invalid:
         metrics.INVALID_RESOURCES.inc(len(record.invalid))
     ext.cards_issued(hook_request.hook_instance, service.id, cards, rule_ids)
-    return Outcome(hook_request.hook_instance, cards, rule_ids, len(record.invalid), record.other_patient, resolved.incomplete, resolved.sources)
+    return Outcome(
+        hook_request.hook_instance, cards, rule_ids, len(record.invalid), record.other_patient, resolved.incomplete, resolved.sources,
+        orders.other_patient if orders is not None else 0,
+    )

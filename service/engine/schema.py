@@ -8,6 +8,9 @@ FACT_NAME = r"^[a-z][a-z0-9_]*$"
 URL = r"^https?://\S+$"
 
 _string = {"type": "string", "empty": False}
+HOOKS = ("patient-view", "order-select", "order-sign")
+# Fields a created ServiceRequest may take over from the draft it replaces (same meaning in both).
+COPYABLE_ORDER_FIELDS = ("reasonCode", "reasonReference", "bodySite", "note")
 _strings = {"type": "list", "schema": _string}
 
 SETTINGS = {
@@ -48,13 +51,15 @@ FACT = {
     "product": {"type": "list", "minlength": 2, "maxlength": 2, "schema": _string},
     "within": _string,
     "definition": {"type": "dict"},
+    "order": _string,
 }
-FACT_KINDS = ("observation", "condition", "patient", "product", "definition")
+FACT_KINDS = ("observation", "condition", "patient", "product", "order", "definition")
 FACT_KEYS_BY_KIND = {
     "observation": {"analyte", "unit", "lookback", "default_upper_limit"},
     "condition": set(),
     "patient": set(),
     "product": {"within", "unit"},
+    "order": set(),
     "definition": set(),
 }
 FACT_REQUIRED_BY_KIND = {"observation": {"analyte", "unit", "lookback"}, "product": {"within", "unit"}}
@@ -69,6 +74,14 @@ _action = {
         "resource": {"type": "dict"},
         "resource_id": _string,
         "when": {"type": "dict"},
+        # create: copy these fields of the matched draft order into the new resource, when it has them
+        "copy_from_order": {
+            "type": "dict",
+            "schema": {
+                "fact": {**_string, "required": True},
+                "fields": {"type": "list", "required": True, "minlength": 1, "schema": {"type": "string", "allowed": list(COPYABLE_ORDER_FIELDS)}},
+            },
+        },
     },
 }
 CARD = {
@@ -110,6 +123,7 @@ RULE = {
     "facts": FACTS_FILE["facts"] | {"required": False},
     "when": {"type": "dict", "required": True},
     "suppresses": _strings,
+    "hooks": {"type": "list", "minlength": 1, "schema": {"type": "string", "allowed": list(HOOKS)}},
     "card": {"type": "dict", "required": True, "schema": CARD},
     "tests": {"type": "dict", "schema": {"fires": _strings, "silent": _strings}},
 }

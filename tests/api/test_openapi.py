@@ -174,7 +174,7 @@ def test_discovery_conforms(openapi, client):
     response = client.get("/cds-services")
     assert response.status_code == 200
     conforms(openapi, response)
-    assert [s["id"] for s in response.json["services"]] == ["calcinosis-risk"]
+    assert [s["id"] for s in response.json["services"]] == ["calcinosis-risk", "calcinosis-order-select", "calcinosis-order-sign"]
 
 
 # ------------------------------------------------------------------ invocation
