@@ -10,7 +10,7 @@ from datetime import datetime
 
 from .facts import Evidence, FactComputer, FactValue, bound_prefix
 from .logic import NUMERIC_OPERATORS, Interval, Truth, all_of, any_of, negate
-from .model import AllOf, Expr, Leaf, NotOf, Rule, RuleSet
+from .model import AllOf, Expr, Leaf, NotOf, OrderFact, Rule, RuleSet
 from .record import Record
 from .templates import WIDTHS, Placeholder, format_number
 
@@ -95,8 +95,11 @@ class Evaluator:
     def _leaf(self, leaf: Leaf) -> tuple[Truth, dict]:
         fact = self.value_of(leaf.fact, leaf.attribute)
         op = leaf.operator
-        if op == "present":
-            result: Truth = fact.state != "absent"
+        if op in ("present", "absent") and fact.state == "unknown" and isinstance(self.ruleset.facts.get(leaf.fact), OrderFact):
+            # An order whose code could not be read may be the very order looked for: neither present nor absent.
+            result: Truth = None
+        elif op == "present":
+            result = fact.state != "absent"
         elif op == "absent":
             result = fact.state == "absent"
         elif fact.state == "absent":
