@@ -178,6 +178,38 @@ def observations(n: int, *, seed: int = SEED, now: str = NOW, patient_id: str = 
     return [resource for _, resource in out]
 
 
+ADVERSARIAL_SHARE = 0.8  # of an adversarial chart's results: unusable, and newer than every usable one
+
+
+def adversarial_observations(n: int, *, seed: int = SEED, now: str = NOW, patient_id: str = PATIENT_ID) -> list[dict]:
+    """`n` Observations of which most are unusable and newest: the chart that made pairing quadratic.
+
+    The plain chart's first `n - k` results are kept (the recent usable draw among them); the
+    other k = 80% are calcium, phosphate, PTH and eGFR results dated after the recent draw that
+    cannot be used: half carry `dataAbsentReason`, half a value that is not a number. Valid
+    JSON and, for half of them, valid FHIR; a rule must pass over every one to reach the draw.
+    """
+    k = int(n * ADVERSARIAL_SHARE)
+    plain = observations(max(n - k, len(RECENT_DRAW)), seed=seed, now=now, patient_id=patient_id)
+    rng = random.Random(seed + 1)
+    at = _now(now)
+    tests = [CATALOGUE[a][1][0][1] for a in ("calcium", "phosphate", "pth", "egfr")]
+    bad: list[tuple[datetime, dict]] = []
+    for j in range(n - len(plain)):
+        test = tests[j % len(tests)]
+        effective = at - timedelta(minutes=rng.randrange(1, (RECENT_DAYS_AGO * 24 - 1) * 60))
+        resource = observation(100_000 + j, test, test.mean, effective, "final", patient_id)
+        if j % 2:
+            del resource["valueQuantity"]
+            resource.pop("interpretation", None)
+            resource["dataAbsentReason"] = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/data-absent-reason", "code": "error", "display": "Error"}]}
+        else:
+            resource["valueQuantity"]["value"] = "see comment"
+        bad.append((effective, resource))
+    bad.sort(key=lambda pair: pair[0], reverse=True)
+    return [r for _, r in bad] + plain
+
+
 def _condition(cid: str, codings: list[tuple[str, str, str]], onset: str, patient_id: str) -> dict:
     return {
         "resourceType": "Condition",
@@ -232,24 +264,25 @@ def _searchset(resources: list[dict], query: str) -> dict:
     }
 
 
-def hook_request(n: int, *, seed: int = SEED, now: str = NOW) -> dict:
+def hook_request(n: int, *, seed: int = SEED, now: str = NOW, adversarial: bool = False) -> dict:
     """A patient-view request whose prefetch answers every template the service advertises."""
+    make = adversarial_observations if adversarial else observations
     return {
         "hook": "patient-view",
         "hookInstance": HOOK_INSTANCE,
         "context": {"userId": "Practitioner/bench-nephrologist", "patientId": PATIENT_ID},
         "prefetch": {
             "patient": patient(),
-            "observations": _searchset(observations(n, seed=seed, now=now), f"Observation?patient={PATIENT_ID}&_sort=-date"),
+            "observations": _searchset(make(n, seed=seed, now=now), f"Observation?patient={PATIENT_ID}&_sort=-date"),
             "conditions": _searchset(conditions(), f"Condition?patient={PATIENT_ID}&clinical-status=active,recurrence,relapse"),
         },
     }
 
 
 @lru_cache(maxsize=None)
-def body(n: int, seed: int = SEED) -> bytes:
-    """The request as the EHR would POST it."""
-    return orjson.dumps(hook_request(n, seed=seed))
+def body(n: int, seed: int = SEED, adversarial: bool = False) -> bytes:
+    """The request as the EHR would POST it (`adversarial`: most results unusable and newest)."""
+    return orjson.dumps(hook_request(n, seed=seed, adversarial=adversarial))
 
 
 def describe(n: int, *, seed: int = SEED, now: str = NOW) -> dict[str, int]:

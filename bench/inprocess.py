@@ -85,11 +85,11 @@ def make_app(tmp: Path):
     return app
 
 
-def time_size(app, n: int, runs: int, warmup: int = 3) -> Timing:
+def time_size(app, n: int, runs: int, warmup: int = 3, adversarial: bool = False) -> Timing:
     from service.cds_hooks import hooks
     from service.cds_hooks.services import SERVICES
 
-    body = data.body(n)
+    body = data.body(n, adversarial=adversarial)
     timing = Timing(n, runs, len(body))
     client = app.test_client()
     ext = app.extensions["calcinosis"]
@@ -168,6 +168,31 @@ def profile(sizes: dict[int, int], out_dir: Path, log=print) -> dict[int, Path]:
             log(f"  profile at {n} Obs x{runs}: {path} (and {html.name})")
             written[n] = path
     return written
+
+
+def adversarial(app_or_none=None, n: int = 5000, runs: int = 10, log=print) -> dict:
+    """Time the plain and the adversarial chart of the same size; print adversarial/plain."""
+    with tempfile.TemporaryDirectory(prefix="calcinosis-bench-") as tmp:
+        app = app_or_none or make_app(Path(tmp))
+        plain = time_size(app, n, runs, warmup=2)
+        hostile = time_size(app, n, runs, warmup=2, adversarial=True)
+    p, h = plain.summary(), hostile.summary()
+    result = {
+        "observations": n,
+        "plain_endpoint_p50_ms": p["endpoint_p50_ms"],
+        "adversarial_endpoint_p50_ms": h["endpoint_p50_ms"],
+        "ratio": round(h["endpoint_p50_ms"] / p["endpoint_p50_ms"], 2) if p["endpoint_p50_ms"] else None,
+        "plain_rules_fired": p["rules_fired"],
+        "adversarial_rules_fired": h["rules_fired"],
+    }
+    log(
+        f"  adversarial chart {n} Obs (80% unusable and newest): endpoint p50 {result['adversarial_endpoint_p50_ms']:.2f} ms "
+        f"vs plain {result['plain_endpoint_p50_ms']:.2f} ms: ratio {result['ratio']}x (target <= {ADVERSARIAL_TARGET:g}x)"
+    )
+    return result
+
+
+ADVERSARIAL_TARGET = 1.5
 
 
 def ratio(results: list[Timing], big: int = 5000, small: int = 1000, key: str = "endpoint_p50_ms") -> float | None:

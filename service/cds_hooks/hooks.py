@@ -53,10 +53,10 @@ def answer(service: CdsService, body: object, ext) -> Outcome:
         for finding in evaluation.fired
     ]
     rule_ids = [f.rule.id for f in evaluation.fired]
-    if record.invalid:
-        metrics.INVALID_RESOURCES.inc(len(record.invalid))
+    if record.skipped:
+        metrics.INVALID_RESOURCES.inc(record.skipped)
     ext.cards_issued(hook_request.hook_instance, service.id, cards, rule_ids)
     return Outcome(
-        hook_request.hook_instance, cards, rule_ids, len(record.invalid), record.other_patient, resolved.incomplete, resolved.sources,
+        hook_request.hook_instance, cards, rule_ids, record.skipped, record.other_patient, resolved.incomplete, resolved.sources,
         orders.other_patient if orders is not None else 0,
     )

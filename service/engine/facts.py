@@ -6,7 +6,7 @@ patient attribute) has one method here; definitions are decided by the evaluator
 """
 from __future__ import annotations
 
-import bisect
+import heapq
 import math
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -158,16 +158,25 @@ class FactComputer:
             notes.append(f"{entry.reference} skipped: dataAbsentReason {reading.data_absent}")
             return None
         if reading.value is None:
-            notes.append(f"{entry.reference} skipped: no valueQuantity")
+            notes.append(f"{entry.reference} skipped: no numeric valueQuantity.value")
             return None
         return reading
 
     def _observation(self, spec: ObservationFact) -> FactValue:
         notes: list[str] = []
+        skipped = 0
         for entry in self._candidates(spec, notes):
-            reading = self._reading(entry, notes)
+            local: list[str] = []
+            reading = self._reading(entry, local)
             if reading is not None:
+                if skipped > MAX_NOTES:
+                    notes.append(f"{skipped - MAX_NOTES} more unusable results skipped")
                 return self._normalise(spec, entry, reading, notes)
+            skipped += 1
+            if skipped <= MAX_NOTES:
+                notes += local
+        if skipped > MAX_NOTES:
+            notes.append(f"{skipped - MAX_NOTES} more unusable results skipped")
         notes.append(f"no usable result in value set {spec.valueset} within {format_duration(spec.lookback)}")
         return FactValue(spec.name, spec.title, "absent", notes=notes)
 
@@ -218,35 +227,85 @@ class FactComputer:
         a_spec, b_spec = (self.ruleset.facts[n] for n in spec.of)
         assert isinstance(a_spec, ObservationFact) and isinstance(b_spec, ObservationFact)
         notes: list[str] = []
-        a_entries = list(self._candidates(a_spec, notes))
-        b_entries = list(self._candidates(b_spec, notes))
-        readings: dict[int, Reading | None] = {}
-        while a_entries and b_entries:
-            pair = _most_recent_pair(a_entries, b_entries, spec.within)
-            if pair is None:
-                notes.append(f"no {a_spec.title} and {b_spec.title} drawn within {format_duration(spec.within)} of each other")
-                break
-            bad = False
-            for entry, pool in ((pair[0], a_entries), (pair[1], b_entries)):
-                if id(entry) not in readings:
-                    readings[id(entry)] = self._reading(entry, notes)
-                if readings[id(entry)] is None:
-                    pool.remove(entry)
-                    bad = True
-            if bad:
-                continue
-            a = self._normalise(a_spec, pair[0], readings[id(pair[0])], [])
-            b = self._normalise(b_spec, pair[1], readings[id(pair[1])], [])
-            evidence = a.evidence + b.evidence
-            date = max(pair[0].effective, pair[1].effective)
-            if a.state != "found" or b.state != "found":
-                notes += [n for n in a.notes + b.notes if "unit" in n]
-                return FactValue(spec.name, spec.title, "unknown", unit=spec.unit, date=date, evidence=evidence, notes=notes)
-            interval = _multiply(a.interval, b.interval)
-            return FactValue(spec.name, spec.title, "found", a.value * b.value, interval, spec.unit, date, evidence, notes)
+        a_entries = self._candidates(a_spec, notes)
+        b_entries = self._candidates(b_spec, notes)
         if not a_entries or not b_entries:
             notes.append(f"needs both {a_spec.title} and {b_spec.title} within their look-back windows")
-        return FactValue(spec.name, spec.title, "absent", notes=notes)
+            return FactValue(spec.name, spec.title, "absent", notes=notes)
+        pair = self._most_recent_usable_pair(a_entries, b_entries, spec.within, notes)
+        if pair is None:
+            notes.append(f"no usable {a_spec.title} and {b_spec.title} drawn within {format_duration(spec.within)} of each other")
+            return FactValue(spec.name, spec.title, "absent", notes=notes)
+        (a_entry, a_reading), (b_entry, b_reading) = pair
+        a = self._normalise(a_spec, a_entry, a_reading, [])
+        b = self._normalise(b_spec, b_entry, b_reading, [])
+        evidence = a.evidence + b.evidence
+        date = max(a_entry.effective, b_entry.effective)
+        if a.state != "found" or b.state != "found":
+            notes += [n for n in a.notes + b.notes if n.startswith(("Observation/", "implausible"))]
+            return FactValue(spec.name, spec.title, "unknown", unit=spec.unit, date=date, evidence=evidence, notes=notes)
+        interval = _multiply(a.interval, b.interval)
+        return FactValue(spec.name, spec.title, "found", a.value * b.value, interval, spec.unit, date, evidence, notes)
+
+    def _most_recent_usable_pair(self, a_entries, b_entries, within, notes: list[str]):
+        """The usable pair drawn within `within` of each other whose older member is newest.
+
+        Ties on the older member go to the newest partner. One sweep from newest to oldest:
+        each entry, taken as the older member, pairs with the newest usable entry of the other
+        side no more than `within` newer. Entries too new for the current one are never needed
+        again, and an unusable entry is dropped when first read, so every entry is read at most
+        once and passed over at most once: O(n log n) for the merge, whatever the mix of usable
+        and unusable results (a search restarted per unusable result was quadratic).
+        """
+        merged = heapq.merge(
+            ((e.effective, 0, e) for e in a_entries), ((e.effective, 1, e) for e in b_entries),
+            key=lambda item: item[0], reverse=True,
+        )
+        seen: tuple[list, list] = ([], [])  # per side, newest first: entries not known to be unusable
+        start = [0, 0]  # per side, the first entry of `seen` that may still be a partner
+        readings: dict[int, Reading | None] = {}
+        skipped = [0]
+
+        def usable(entry: ObservationEntry) -> Reading | None:
+            if id(entry) not in readings:
+                local: list[str] = []
+                readings[id(entry)] = self._reading(entry, local)
+                if local:
+                    skipped[0] += 1
+                    if skipped[0] <= MAX_NOTES:
+                        notes.extend(local)
+            return readings[id(entry)]
+
+        best = None
+        best_time = None
+        for time, side, entry in merged:
+            if best_time is not None and time < best_time:
+                break  # every later entry is older: the best pair is found
+            other = 1 - side
+            partners = seen[other]
+            i = start[other]
+            while i < len(partners) and partners[i].effective > time + within:
+                i += 1
+            while i < len(partners) and usable(partners[i]) is None:
+                i += 1
+            start[other] = i
+            if i == len(partners):
+                seen[side].append(entry)  # no partner yet: it may be one for an older entry
+                continue
+            reading = usable(entry)
+            if reading is None:
+                continue
+            partner = partners[i]
+            if best is None or partner.effective > best[2][0].effective:
+                best = (side, (entry, reading), (partner, readings[id(partner)]))
+                best_time = time
+            seen[side].append(entry)
+        if skipped[0] > MAX_NOTES:
+            notes.append(f"{skipped[0] - MAX_NOTES} more unusable results skipped")
+        if best is None:
+            return None
+        side, older, newer = best
+        return (older, newer) if side == 0 else (newer, older)
 
     def _condition(self, spec: ConditionFact) -> FactValue:
         notes: list[str] = []
@@ -325,23 +384,3 @@ def _multiply(a: Interval, b: Interval) -> Interval:
     low = max(a.low, 0.0) * max(b.low, 0.0)
     high = 0.0 if 0.0 in (a.high, b.high) else a.high * b.high
     return Interval(low, high, a.low_open or b.low_open, a.high_open or b.high_open)
-
-
-def _most_recent_pair(a_entries, b_entries, within):
-    """Find the pair drawn within `within` of each other whose older member is newest.
-
-    For a given `a`, the best partner is the newest `b` no later than a + within, if it
-    is no earlier than a - within; so one binary search per `a` suffices (n log n).
-    """
-    b_sorted = sorted(b_entries, key=lambda e: e.effective)
-    b_times = [e.effective for e in b_sorted]
-    best, best_key = None, None
-    for a in a_entries:
-        i = bisect.bisect_right(b_times, a.effective + within) - 1
-        if i < 0 or b_times[i] < a.effective - within:
-            continue
-        b = b_sorted[i]
-        key = (min(a.effective, b.effective), max(a.effective, b.effective))
-        if best_key is None or key > best_key:
-            best, best_key = (a, b), key
-    return best
