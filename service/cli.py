@@ -65,40 +65,45 @@ def cmd_check(args) -> int:
 # --- rules test --------------------------------------------------------------------------------
 
 def cmd_test(args) -> int:
-    """Run each rule's test cases against the fixtures they name."""
-    from service.harness import InputError, load_cases, run_case
+    """Run every scenario in the fixtures' scenarios.yaml and compare its cards with its `expect`."""
+    from service.harness import InputError, load_cases, load_expectations, run_case
 
     ruleset = _load(args)
     fixtures = Path(args.fixtures)
-    results: dict[str, object] = {}
+    try:
+        expectations = load_expectations(fixtures)
+    except InputError as exc:
+        print(f"FAIL  {exc}")
+        return 1
+    if not expectations:
+        print(f"FAIL  no scenarios: {fixtures / 'scenarios.yaml'} is missing or empty")
+        return 1
+    known = {r.id for r in ruleset.rules}
+    only = set(args.rule) if args.rule else known
     failures = 0
-    for rule in ruleset.rules:
-        if args.rule and rule.id not in args.rule:
+    for name, expectation in expectations.items():
+        unknown = set(expectation.expect) - known
+        try:
+            result = run_case(ruleset, next(load_cases([fixtures / name])))
+        except (InputError, StopIteration) as exc:
+            failures += 1
+            print(f"FAIL  {name}: cannot read fixture ({exc or 'empty'})")
             continue
-        print(f"{rule.id}")
-        cases = [(name, True) for name in rule.tests_fire] + [(name, False) for name in rule.tests_silent]
-        if not cases:
-            print("  (no test cases)")
-        for name, must_fire in cases:
-            if name not in results:
-                try:
-                    results[name] = run_case(ruleset, next(load_cases([fixtures / name])))
-                except (InputError, StopIteration) as exc:
-                    results[name] = exc
-            result = results[name]
-            if isinstance(result, Exception):
-                failures += 1
-                print(f"  FAIL  {name}: cannot read fixture ({result or 'empty'})")
-                continue
-            fired = rule.id in result.fired
-            finding = next(f for f in result.evaluation.findings if f.rule.id == rule.id)
-            ok = fired == must_fire
-            failures += not ok
-            expected = "fires" if must_fire else "silent"
-            got = "fired" if fired else ("suppressed by " + finding.suppressed_by if finding.suppressed_by else "did not fire" + (" (unknown)" if finding.result is None else ""))
-            print(f"  {'PASS' if ok else 'FAIL'}  {name}: expected {expected}, {got}")
-    total = sum(len(r.tests_fire) + len(r.tests_silent) for r in ruleset.rules if not args.rule or r.id in args.rule)
-    print(f"\n{total - failures} passed, {failures} failed")
+        expected = set(expectation.expect) & only
+        fired = set(result.fired) & only
+        ok = expected == fired and not unknown
+        failures += not ok
+        line = f"{'PASS' if ok else 'FAIL'}  {name}: expected {', '.join(sorted(expected)) or 'no card'}"
+        if unknown:
+            line += f"; expect names unknown rule(s) {', '.join(sorted(unknown))}"
+        if fired != expected:
+            unknowns = [f.rule.id for f in result.evaluation.findings if f.result is None and f.rule.id in only]
+            line += f", fired {', '.join(sorted(fired)) or 'nothing'}" + (f" (unknown: {', '.join(unknowns)})" if unknowns else "")
+        print(line)
+    never = [r for r in known & only if not any(r in e.expect for e in expectations.values())]
+    for rule_id in sorted(never):
+        print(f"WARN  rule {rule_id} fires in no scenario: add one that shows when it does")
+    print(f"\n{len(expectations) - failures} passed, {failures} failed")
     return 1 if failures else 0
 
 
@@ -201,9 +206,9 @@ def rules_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rules", help="rules folder (default: CDS_RULES_DIR or ./rules)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("check", help="validate every rule file").set_defaults(func=cmd_check)
-    test = sub.add_parser("test", help="run each rule's test cases against fixtures")
-    test.add_argument("--fixtures", default=str(DEFAULT_FIXTURES), help="folder the test cases name files in")
-    test.add_argument("rule", nargs="*", help="only these rule ids")
+    test = sub.add_parser("test", help="run every scenario in scenarios.yaml and compare with its expect")
+    test.add_argument("--fixtures", default=str(DEFAULT_FIXTURES), help="folder holding scenarios.yaml and the files it names")
+    test.add_argument("rule", nargs="*", help="compare only these rule ids")
     test.set_defaults(func=cmd_test)
     explain = sub.add_parser("explain", help="why each rule fired or not for one patient")
     explain.add_argument("file", help="a FHIR Bundle or CDS Hooks request (JSON)")

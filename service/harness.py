@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 import orjson
+import yaml
 
 from service.engine.cards import CardContent, render_card
 from service.engine.model import ORDER_HOOKS
@@ -24,11 +25,67 @@ from service.engine.record import OrderEntry
 from service.engine.evaluate import Evaluation, evaluate
 from service.engine.model import RuleSet
 from service.patient.dates import parse_datetime
-from service.patient.record import PatientRecord, resources_in
+from service.patient.record import PatientRecord, patient_aliases, referenced_patient, resources_in
 
 
 class InputError(Exception):
     """A file that is not a Bundle, a hook request or NDJSON; names the file."""
+
+
+SCENARIOS_FILE = "scenarios.yaml"
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """What a saved scenario must give, beside the written reason (fixtures/fhir/scenarios.yaml)."""
+
+    name: str
+    expect: tuple[str, ...]  # the rule ids that must fire; every other rule must stay silent
+    reason: str
+    fhir_server: str | None = None  # why a FHIR server could not serve this data, if it could not
+
+
+def load_expectations(folder: str | Path) -> dict[str, Expectation]:
+    """Read a folder's scenarios.yaml; {} if it has none. Raises InputError naming what is wrong."""
+    path = Path(folder) / SCENARIOS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a mapping of file name to {{expect, reason}}")
+    found = {}
+    for name, entry in data.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("reason"), str) or not entry["reason"].strip():
+            raise InputError(f"{path}: {name}: needs a written reason")
+        expect = entry.get("expect")
+        if not isinstance(expect, list) or not all(isinstance(r, str) for r in expect):
+            raise InputError(f"{path}: {name}: expect must be a list of rule ids (an empty list: no card)")
+        unknown = set(entry) - {"expect", "reason", "fhir_server"}
+        if unknown:
+            raise InputError(f"{path}: {name}: unknown key(s) {', '.join(sorted(unknown))}")
+        found[str(name)] = Expectation(str(name), tuple(expect), entry["reason"].strip(), entry.get("fhir_server"))
+    return found
+
+
+def expected_rules(case: "Case") -> list[str] | None:
+    """The rule ids a case must fire, from scenarios.yaml beside its file; None if it has no expectation."""
+    if not case.source or case.source == "bulk export":
+        return None
+    expectations = _expectations_near(str(Path(case.source).resolve().parent))
+    found = expectations.get(case.name)
+    return list(found.expect) if found else None
+
+
+_EXPECTATIONS: dict[str, dict[str, Expectation]] = {}
+
+
+def _expectations_near(folder: str) -> dict[str, Expectation]:
+    if folder not in _EXPECTATIONS:
+        _EXPECTATIONS[folder] = load_expectations(folder)
+    return _EXPECTATIONS[folder]
 
 
 @dataclass
@@ -39,6 +96,8 @@ class Case:
     as_of: datetime | None = None
     request: dict | None = None  # the original hook request, when the input was one
     source: str = ""
+    aliases: frozenset[str] = frozenset()  # other references meaning the patient (a Bundle entry's fullUrl)
+    full_urls: dict[tuple[str, str], str] = field(default_factory=dict)  # (type, id) -> the Bundle entry's fullUrl
     hook: str = "patient-view"
     orders: tuple[OrderEntry, ...] = ()  # order hooks: the draft orders in scope (selected, or all for order-sign)
 
@@ -62,6 +121,13 @@ def _subject_id(resource: dict) -> str | None:
     return reference.rsplit("Patient/", 1)[1] if "Patient/" in reference else None
 
 
+def _bundle_subject_id(resource: dict) -> str | None:
+    """The patient id a Bundle resource's subject names (any reference form `referenced_patient` reads)."""
+    subject = resource.get("subject") or resource.get("patient")
+    reference = subject.get("reference") if isinstance(subject, dict) else None
+    return referenced_patient(reference) if isinstance(reference, str) else None
+
+
 def case_from_json(data: object, name: str, source: str = "") -> Case:
     """Make a case from a parsed Bundle or hook request."""
     if not isinstance(data, dict):
@@ -72,6 +138,7 @@ def case_from_json(data: object, name: str, source: str = "") -> Case:
         patient_id = (data.get("context") or {}).get("patientId")
         stamps = [parse_datetime(v.get("timestamp")) for v in prefetch.values() if isinstance(v, dict)]
         as_of = next((s for s in stamps if s), None)
+        aliases = frozenset(patient_aliases(prefetch.values(), patient_id))
         hook = data.get("hook")
         orders: tuple[OrderEntry, ...] = ()
         if hook in ORDER_HOOKS:
@@ -84,13 +151,18 @@ def case_from_json(data: object, name: str, source: str = "") -> Case:
                 raise InputError(f"{source or name}: {exc.message}") from None
         elif hook != "patient-view":
             raise InputError(f"{source or name}: hook {hook!r} is not one this service answers (patient-view, order-select, order-sign)")
-        return Case(name, patient_id, resources, as_of, data, source, hook, orders)
+        return Case(name, patient_id, resources, as_of, data, source, aliases, hook=hook, orders=orders)
     if data.get("resourceType") == "Bundle":
         resources = resources_in(data)
         patient_id = next((r.get("id") for r in resources if r.get("resourceType") == "Patient"), None)
         if patient_id is None:
-            patient_id = next((pid for r in resources if (pid := _subject_id(r))), None)
-        return Case(name, patient_id, resources, parse_datetime(data.get("timestamp")), None, source)
+            patient_id = next((pid for r in resources if (pid := _bundle_subject_id(r))), None)
+        full_urls = {
+            (e["resource"].get("resourceType"), e["resource"].get("id")): e["fullUrl"]
+            for e in data.get("entry") or () if isinstance(e, dict) and isinstance(e.get("resource"), dict) and isinstance(e.get("fullUrl"), str)
+        }
+        aliases = frozenset(patient_aliases([data], patient_id))
+        return Case(name, patient_id, resources, parse_datetime(data.get("timestamp")), None, source, aliases, full_urls)
     raise InputError(f"{source or name}: a {data.get('resourceType', 'JSON object')} is neither a Bundle nor a CDS Hooks request")
 
 
@@ -141,7 +213,10 @@ def bulk_cases(files: list[Path]) -> Iterator[Case]:
 
 def run_case(ruleset: RuleSet, case: Case, now: datetime | None = None) -> CaseResult:
     """Evaluate the rules for one case at `now`, else the case's own time, else the clock."""
-    record = PatientRecord(ruleset.code_index, case.patient_id)
+    base_url = (case.request or {}).get("fhirServer")
+    record = PatientRecord(
+        ruleset.code_index, case.patient_id, aliases=case.aliases, base_url=base_url if isinstance(base_url, str) else None,
+    )
     record.add_all(case.resources)
     record.add_orders(case.orders)
     evaluation = evaluate(ruleset, record, now or case.as_of or datetime.now(UTC), case.hook)
@@ -154,16 +229,32 @@ def hook_request_for(case: Case, templates: dict[str, str], hook_instance: str) 
     if case.request is not None:
         return case.request
     prefetch: dict[str, object] = {}
+    patient = next((r for r in case.resources if r.get("resourceType") == "Patient"), None)
+    named_by_alias = any(_reference(r) in case.aliases for r in case.resources)
     for key, template in templates.items():
         kind = template.split("?")[0].split("/")[0]
         matching = [r for r in case.resources if r.get("resourceType") == kind]
         if "?" not in template:  # an instance read
             prefetch[key] = matching[0] if matching else None
-        else:
-            prefetch[key] = {"resourceType": "Bundle", "type": "searchset", "total": len(matching), "entry": [{"resource": r} for r in matching]}
+            continue
+        entries = [_entry(case, r) for r in matching]
+        if named_by_alias and patient is not None:
+            # References name the patient by its Bundle fullUrl: include the Patient entry that says so.
+            entries.append(_entry(case, patient) | {"search": {"mode": "include"}})
+        prefetch[key] = {"resourceType": "Bundle", "type": "searchset", "total": len(matching), "entry": entries}
     return {
         "hook": "patient-view",
         "hookInstance": hook_instance,
         "context": {"patientId": case.patient_id or "unknown", "userId": "Practitioner/replay"},
         "prefetch": prefetch,
     }
+
+
+def _reference(resource: dict) -> str | None:
+    subject = resource.get("subject") or resource.get("patient")
+    return subject.get("reference") if isinstance(subject, dict) else None
+
+
+def _entry(case: Case, resource: dict) -> dict:
+    url = case.full_urls.get((resource.get("resourceType"), resource.get("id")))
+    return {"fullUrl": url, "resource": resource} if url else {"resource": resource}

@@ -7,7 +7,7 @@ Bundles, full CDS Hooks requests, folders of them, FHIR Bulk Data NDJSON exports
   time (Bundle.timestamp), else the clock.
 - --url BASE: real CDS Hooks calls to a running service (discovery first, then one POST
   per patient), optionally signed with a JWT as an EHR would sign them.
-- --expect: compare the rules that fired with the rule set's own test lists.
+- --expect: compare the rules that fired with the scenario's `expect` in scenarios.yaml.
 - --screen OUT.csv|OUT.ndjson: population screening of a bulk export on all cores;
   writes only the flagged patients, with the values their rules read.
 """
@@ -43,9 +43,10 @@ exit status: 0 all cases answered (and, with --expect, matched); 1 a mismatch, a
 that could not be evaluated or answered, or a broken rule set; 2 unreadable input or
 bad arguments.
 
-expectations (--expect): for a case named X (a file's name, e.g.
-esrd-dialysis-high-product.json), the rules whose tests.fires lists X must fire and
-every other rule must not; a case no rule's tests mention has no expectation.
+expectations (--expect): for a case read from file X (e.g.
+esrd-dialysis-high-product.json), the rules listed under X's `expect` in the
+scenarios.yaml beside it must fire and every other rule must not; a case with no
+entry there has no expectation.
 
 examples:
   replay fixtures/fhir/ --expect
@@ -113,11 +114,11 @@ class Outcome:
         return body
 
 
-def expected_rules(ruleset, case_name: str) -> list[str] | None:
-    """The rule ids that must fire for a case, per the rule set's tests; None if no test names it."""
-    if not any(case_name in r.tests_fire or case_name in r.tests_silent for r in ruleset.rules):
-        return None
-    return [r.id for r in ruleset.rules if case_name in r.tests_fire]
+def expected_rules(ruleset, case) -> list[str] | None:
+    """The rule ids that must fire for a case, from scenarios.yaml beside it; None if it names none."""
+    from service.harness import expected_rules as from_scenarios
+
+    return from_scenarios(case)
 
 
 def _error(code: str, message: str, status: int | None = None) -> dict:
@@ -465,7 +466,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rules", help="rules folder (default: CDS_RULES_DIR or ./rules); in --url mode used only for --expect")
     p.add_argument("--now", metavar="ISO", help="evaluate at this time (default: each case's own Bundle.timestamp, else now); in-process only")
     p.add_argument("--json", action="store_true", help="one JSON object per patient on stdout (NDJSON); summaries go to stderr")
-    p.add_argument("--expect", action="store_true", help="compare fired rules with the rule set's tests (tests.fires / tests.silent); exit 1 on a mismatch")
+    p.add_argument("--expect", action="store_true", help="compare fired rules with each scenario's expect in scenarios.yaml beside it; exit 1 on a mismatch")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it is shown on a terminal for more than 20 cases)")
     remote = p.add_argument_group("against a running service")
     remote.add_argument("--url", metavar="BASE", help=f"send real hook calls to BASE/cds-services/{SERVICE_ID} (discovery first)")
@@ -577,7 +578,7 @@ def _replay(args, ruleset, cases: list, now: datetime | None, client: HookClient
             else:
                 outcome = evaluate_case(ruleset, case, now or case.as_of or fallback)
             if args.expect:
-                outcome.expected = expected_rules(ruleset, case.name)
+                outcome.expected = expected_rules(ruleset, case)
             outcomes.append(outcome)
             if table is not None:
                 table.rows(outcome)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from service import metrics
 from service.engine.cards import render_card
 from service.engine.evaluate import evaluate
-from service.patient.record import PatientRecord
+from service.patient.record import PatientRecord, patient_aliases
 
 from .cards import to_cds_card
 from .prefetch import resolve
@@ -21,6 +21,7 @@ class Outcome:
     rule_ids: list[str]
     skipped_resources: int
     other_patient_resources: int
+    unattributed_resources: int  # subject references that name no patient we can tell: dropped, counted
     incomplete: list[str]
     sources: dict[str, str]
     other_patient_orders: int = 0
@@ -33,7 +34,10 @@ def answer(service: CdsService, body: object, ext) -> Outcome:
     log_context = {"hookInstance": hook_request.hook_instance, "service": service.id}
     templates = prefetch_templates(ruleset, ext.config["PREFETCH_COUNT"], service.hook)
     resolved = resolve(hook_request, templates, ext.fetch_settings, log_context)
-    record = PatientRecord(ruleset.code_index, hook_request.patient_id, log_context=log_context)
+    record = PatientRecord(
+        ruleset.code_index, hook_request.patient_id, log_context=log_context,
+        aliases=patient_aliases(hook_request.prefetch.values(), hook_request.patient_id), base_url=hook_request.fhir_server,
+    )
     for resources in resolved.resources.values():
         record.add_all(resources)
     orders = hook_request.draft_orders
@@ -57,6 +61,6 @@ def answer(service: CdsService, body: object, ext) -> Outcome:
         metrics.INVALID_RESOURCES.inc(record.skipped)
     ext.cards_issued(hook_request.hook_instance, service.id, cards, rule_ids)
     return Outcome(
-        hook_request.hook_instance, cards, rule_ids, record.skipped, record.other_patient, resolved.incomplete, resolved.sources,
+        hook_request.hook_instance, cards, rule_ids, record.skipped, record.other_patient, record.unattributed, resolved.incomplete, resolved.sources,
         orders.other_patient if orders is not None else 0,
     )

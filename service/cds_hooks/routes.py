@@ -99,6 +99,7 @@ def invoke(service_id: str) -> Response:
             "skipped_resources": outcome.skipped_resources,
             # Resources about another patient in this patient's prefetch: dropped, and worth an EHR ticket.
             "other_patient_resources": outcome.other_patient_resources,
+            "unattributed_resources": outcome.unattributed_resources,
             # Draft orders about another patient in an order hook's context: ignored, and worth an EHR ticket.
             "other_patient_orders": outcome.other_patient_orders,
             "data_sources": outcome.sources,

@@ -32,7 +32,7 @@ SERVICES = {
                 "intact PTH and eGFR with kidney-failure and connective-tissue disease conditions, "
                 "and suggests the workup (deep incisional biopsy, soft-tissue radiograph, missing labs)."
             ),
-            usage_requirements="Needs read access to the patient's Patient, Observation (laboratory) and Condition resources.",
+            usage_requirements="Needs read access to the patient's Patient, Observation (laboratory), Condition and Procedure resources.",
         ),
         CdsService(
             id="calcinosis-order-select",
@@ -84,6 +84,12 @@ def prefetch_templates(ruleset: RuleSet, max_count: int = 100, hook: str = "pati
         tokens = _tokens(ruleset, condition_sets)
         code = f"&code={','.join(tokens)}" if tokens else ""
         templates["conditions"] = f"Condition?patient={PATIENT_TOKEN}&clinical-status=active,recurrence,relapse{code}"
+    procedure_sets = ruleset.procedure_valuesets(hook)
+    if procedure_sets:
+        tokens = _tokens(ruleset, procedure_sets)
+        code = f"&code={','.join(tokens)}" if tokens else ""
+        # Newest first: the facts look back a bounded time, so the first page holds what they read.
+        templates["procedures"] = f"Procedure?patient={PATIENT_TOKEN}&status=completed{code}&_sort=-date&_count={max_count}"
     return templates
 
 

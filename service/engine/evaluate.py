@@ -95,8 +95,8 @@ class Evaluator:
     def _leaf(self, leaf: Leaf) -> tuple[Truth, dict]:
         fact = self.value_of(leaf.fact, leaf.attribute)
         op = leaf.operator
-        if op in ("present", "absent") and fact.state == "unknown" and isinstance(self.ruleset.facts.get(leaf.fact), OrderFact):
-            # An order whose code could not be read may be the very order looked for: neither present nor absent.
+        if op in ("present", "absent") and fact.state == "unknown" and (not fact.exists or isinstance(self.ruleset.facts.get(leaf.fact), OrderFact)):
+            # e.g. a matching Condition that cannot be read, or a draft order whose code cannot: maybe present
             result: Truth = None
         elif op == "present":
             result = fact.state != "absent"

@@ -9,13 +9,13 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any, Callable, Iterator
+from datetime import datetime, timedelta
+from typing import Any, Callable, Iterator, Sequence
 
 from .durations import format_duration
-from .logic import Interval
+from .logic import NUMERIC_OPERATORS, Interval
 from .model import (
-    ConditionFact, DefinitionFact, Expr, ObservationFact, OrderFact, PatientFact, ProductFact, RuleSet,
+    ConditionFact, DefinitionFact, Expr, ObservationFact, OrderFact, PatientFact, ProcedureFact, ProductFact, RuleSet, SustainedFact,
 )
 from .record import InvalidResource, ObservationEntry, Reading, Record
 from .templates import format_number
@@ -23,8 +23,17 @@ from .units import ANALYTES, display_unit
 
 USABLE_OBSERVATION_STATUSES = frozenset({"final", "amended", "corrected"})
 PRESENT_CLINICAL_STATUSES = frozenset({"active", "recurrence", "relapse"})
+# FHIR R4 required bindings: a code outside them is unreadable, not "some other status".
+CLINICAL_STATUSES = PRESENT_CLINICAL_STATUSES | {"inactive", "remission", "resolved"}
+VERIFICATION_STATUSES = frozenset({"unconfirmed", "provisional", "differential", "confirmed", "refuted", "entered-in-error"})
 EXCLUDED_VERIFICATION_STATUSES = frozenset({"refuted", "entered-in-error"})
+PROCEDURE_STATUSES = frozenset({"preparation", "in-progress", "not-done", "on-hold", "stopped", "completed", "entered-in-error", "unknown"})
+# Clocks differ and labs stamp in local time: up to a day ahead is "now", more is a data error.
+FUTURE_TOLERANCE = timedelta(days=1)
 COMPARATORS = (None, "<", "<=", ">", ">=")
+UNDATED = "undated"
+FUTURE = "dated in the future"
+UNDATABLE = "undated or dated in the future: not used"
 MAX_NOTES = 6  # per fact: enough to explain, bounded for patients with thousands of results
 
 
@@ -63,6 +72,7 @@ class FactValue:
     notes: list[str] = field(default_factory=list)
     attributes: dict[str, "FactValue"] = field(default_factory=dict)
     trace: dict | None = None  # definitions keep how they were decided
+    exists: bool | None = None  # when unknown: is there such a result at all (True: yes, its value is unknown)
 
     @property
     def shown(self) -> str:
@@ -96,6 +106,7 @@ class FactComputer:
         self.now = now
         self._decide = decide
         self._candidate_cache: dict[str, tuple[list[ObservationEntry], list[str]]] = {}
+        self._entries: dict[str, Sequence[ObservationEntry]] = {}
 
     def compute(self, name: str) -> FactValue:
         """Compute one fact from the record (definitions are decided by the evaluator)."""
@@ -106,6 +117,10 @@ class FactComputer:
             return self._product(spec)
         if isinstance(spec, ConditionFact):
             return self._condition(spec)
+        if isinstance(spec, ProcedureFact):
+            return self._procedure(spec)
+        if isinstance(spec, SustainedFact):
+            return self._sustained(spec)
         if isinstance(spec, PatientFact):
             return self._patient(spec)
         if isinstance(spec, OrderFact):
@@ -118,34 +133,57 @@ class FactComputer:
         """Entries dated within the window with a usable status, newest first (read once per fact)."""
         if spec.name not in self._candidate_cache:
             found_notes: list[str] = []
-            self._candidate_cache[spec.name] = (list(self._scan(spec, found_notes)), found_notes)
+            entries = list(self._scan(spec.valueset, spec.lookback, found_notes))
+            self._candidate_cache[spec.name] = (entries, found_notes)
         entries, found_notes = self._candidate_cache[spec.name]
         notes += found_notes
         return list(entries)
 
-    def _scan(self, spec: ObservationFact, notes: list[str]) -> Iterator[ObservationEntry]:
-        since = self.now - spec.lookback
+    def _undatable(self, notes: list[str]) -> bool:
+        """Say whether `_scan` passed over an undated or future-dated result (its summary note says so)."""
+        return any(UNDATABLE in n for n in notes)
+
+    def _scan(self, valueset: str, lookback: timedelta, notes: list[str]) -> Iterator[ObservationEntry]:
+        since = self.now - lookback
         skipped = 0
-        for entry in self.record.observations(spec.valueset):
+        if valueset not in self._entries:  # several facts may read one value set (eGFR: latest and over time)
+            self._entries[valueset] = self.record.observations(valueset)
+        entries = self._entries[valueset]
+
+        undatable = 0
+
+        def skip(entry: ObservationEntry, reason: str) -> None:
+            nonlocal skipped, undatable
+            skipped += 1
+            undatable += reason in (UNDATED, FUTURE)
+            if skipped <= MAX_NOTES:
+                notes.append(f"{entry.reference} not used: {reason}")
+
+        for entry in entries:
             if entry.effective is None:
-                reason = "no effective date"
-            elif entry.effective > self.now:
-                reason = "dated after the evaluation time"
+                break  # undated entries come last; they are reported below
+            if entry.effective > self.now + FUTURE_TOLERANCE:
+                skip(entry, FUTURE)
             elif entry.effective < since:
-                # Entries are newest first: everything from here on is older too.
+                # Entries are newest first: every dated one from here on is older too.
                 notes.append(
                     f"older results ignored: {entry.reference} of {entry.effective.date()} "
-                    f"is outside the {format_duration(spec.lookback)} look-back"
+                    f"is outside the {format_duration(lookback)} look-back"
                 )
-                return
+                break
             elif entry.status not in USABLE_OBSERVATION_STATUSES:
-                reason = f"status {entry.status or 'missing'}"
+                skip(entry, f"status {entry.status or 'missing'}")
             else:
                 yield entry
-                continue
-            skipped += 1
-            if skipped <= MAX_NOTES:
-                notes.append(f"{entry.reference} skipped: {reason}")
+        # Undated entries sit at the end (newest first, undated last): walk back over them only.
+        for entry in reversed(entries):
+            if entry.effective is not None:
+                break
+            skip(entry, UNDATED)
+        if skipped > MAX_NOTES:
+            notes.append(f"{skipped - MAX_NOTES} more results not used")
+        if undatable:
+            notes.append(f"{undatable} result(s) {UNDATABLE}")
 
     def _reading(self, entry: ObservationEntry, notes: list[str]) -> Reading | None:
         """Load an entry's reading, or say why it cannot be used."""
@@ -177,6 +215,11 @@ class FactComputer:
                 notes += local
         if skipped > MAX_NOTES:
             notes.append(f"{skipped - MAX_NOTES} more unusable results skipped")
+        if self._undatable(notes):
+            # A result exists that may be current: without a trustworthy date, unknown is not "none".
+            notes.append(f"no usable dated result in value set {spec.valueset} within {format_duration(spec.lookback)}; "
+                         "an undated or future-dated result makes the value unknown")
+            return FactValue(spec.name, spec.title, "unknown", unit=display_unit(spec.unit), notes=notes)
         notes.append(f"no usable result in value set {spec.valueset} within {format_duration(spec.lookback)}")
         return FactValue(spec.name, spec.title, "absent", notes=notes)
 
@@ -191,12 +234,19 @@ class FactComputer:
                 f"{entry.reference}: unit {reading.unit or '(none)'!r} is not a known {spec.analyte} unit, "
                 f"so the value is unknown (known: {', '.join(analyte.spellings)})"
             )
-            return FactValue(spec.name, spec.title, "unknown", unit=spec.unit, date=entry.effective, evidence=[evidence], notes=notes)
+            return FactValue(spec.name, spec.title, "unknown", unit=spec.unit, date=entry.effective, evidence=[evidence], notes=notes, exists=True)
         if reading.comparator not in COMPARATORS:
             notes.append(f"{entry.reference}: comparator {reading.comparator!r} is not a FHIR comparator, so the value is unknown")
-            return FactValue(spec.name, spec.title, "unknown", unit=spec.unit, date=entry.effective, evidence=[evidence], notes=notes)
-        interval = Interval.from_comparator(reading.value, reading.comparator).scaled(factor)
+            return FactValue(spec.name, spec.title, "unknown", unit=spec.unit, date=entry.effective, evidence=[evidence], notes=notes, exists=True)
         value = reading.value * factor
+        if spec.plausible is not None and not spec.plausible[0] <= value <= spec.plausible[1]:
+            low, high = spec.plausible
+            notes.append(
+                f"{entry.reference}: implausible: {sent} (plausible {format_number(low)}-{format_number(high)} "
+                f"{display_unit(spec.unit)}), so the value is unknown"
+            )
+            return FactValue(spec.name, spec.title, "unknown", unit=spec.unit, date=entry.effective, evidence=[evidence], notes=notes, exists=True)
+        interval = Interval.from_comparator(reading.value, reading.comparator).scaled(factor)
         evidence.value, evidence.unit = value, display_unit(spec.unit)
         if reading.comparator:
             notes.append(f"{entry.reference} is a bound ({sent}), not an exact value")
@@ -229,12 +279,15 @@ class FactComputer:
         notes: list[str] = []
         a_entries = self._candidates(a_spec, notes)
         b_entries = self._candidates(b_spec, notes)
-        if not a_entries or not b_entries:
-            notes.append(f"needs both {a_spec.title} and {b_spec.title} within their look-back windows")
-            return FactValue(spec.name, spec.title, "absent", notes=notes)
-        pair = self._most_recent_usable_pair(a_entries, b_entries, spec.within, notes)
+        pair = self._most_recent_usable_pair(a_entries, b_entries, spec.within, notes) if a_entries and b_entries else None
         if pair is None:
-            notes.append(f"no usable {a_spec.title} and {b_spec.title} drawn within {format_duration(spec.within)} of each other")
+            if not a_entries or not b_entries:
+                notes.append(f"needs both {a_spec.title} and {b_spec.title} within their look-back windows")
+            else:
+                notes.append(f"no usable {a_spec.title} and {b_spec.title} drawn within {format_duration(spec.within)} of each other")
+            if self._undatable(notes):
+                notes.append("an undated or future-dated result might have made a pair, so the product is unknown")
+                return FactValue(spec.name, spec.title, "unknown", unit=spec.unit, notes=notes)
             return FactValue(spec.name, spec.title, "absent", notes=notes)
         (a_entry, a_reading), (b_entry, b_reading) = pair
         a = self._normalise(a_spec, a_entry, a_reading, [])
@@ -242,8 +295,8 @@ class FactComputer:
         evidence = a.evidence + b.evidence
         date = max(a_entry.effective, b_entry.effective)
         if a.state != "found" or b.state != "found":
-            notes += [n for n in a.notes + b.notes if n.startswith(("Observation/", "implausible"))]
-            return FactValue(spec.name, spec.title, "unknown", unit=spec.unit, date=date, evidence=evidence, notes=notes)
+            notes += [n for n in a.notes + b.notes if n.startswith("Observation/")]
+            return FactValue(spec.name, spec.title, "unknown", unit=spec.unit, date=date, evidence=evidence, notes=notes, exists=True)
         interval = _multiply(a.interval, b.interval)
         return FactValue(spec.name, spec.title, "found", a.value * b.value, interval, spec.unit, date, evidence, notes)
 
@@ -310,21 +363,34 @@ class FactComputer:
     def _condition(self, spec: ConditionFact) -> FactValue:
         notes: list[str] = []
         present = []
+        unreadable: list[str] = []
         for entry in self.record.conditions(spec.valueset):
+            name = f"{entry.reference} ({entry.display or entry.code})"
             try:
                 entry.check()
             except InvalidResource as exc:
-                notes.append(f"{entry.reference} skipped: not valid FHIR R4 ({exc.error})")
+                unreadable.append(f"{name} cannot be read: {exc.error}")
                 continue
-            if entry.verification_status in EXCLUDED_VERIFICATION_STATUSES:
-                notes.append(f"{entry.reference} ({entry.display or entry.code}) skipped: {entry.verification_status}")
+            if entry.verification_status is not None and entry.verification_status not in VERIFICATION_STATUSES:
+                unreadable.append(f"{name} cannot be read: verification status {entry.verification_status!r} is not a FHIR code")
+            elif entry.verification_status in EXCLUDED_VERIFICATION_STATUSES:
+                notes.append(f"{name} skipped: {entry.verification_status}")
+            elif entry.clinical_status is not None and entry.clinical_status not in CLINICAL_STATUSES:
+                unreadable.append(f"{name} cannot be read: clinical status {entry.clinical_status!r} is not a FHIR code")
             elif entry.clinical_status not in PRESENT_CLINICAL_STATUSES:
-                notes.append(f"{entry.reference} ({entry.display or entry.code}) skipped: clinical status {entry.clinical_status or 'missing'}")
+                notes.append(f"{name} skipped: clinical status {entry.clinical_status or 'missing'}")
             else:
                 present.append(entry)
         if not present:
+            notes += unreadable[:MAX_NOTES]
+            if unreadable:
+                # A matching Condition we cannot read may be present: never report it as absent.
+                more = f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""
+                notes.append(f"{unreadable[0]}{more}: no readable present Condition in value set {spec.valueset}, so unknown")
+                return FactValue(spec.name, spec.title, "unknown", notes=notes)
             notes.append(f"no present Condition in value set {spec.valueset}")
             return FactValue(spec.name, spec.title, "absent", notes=notes)
+        notes += unreadable[:MAX_NOTES]
         evidence = [
             Evidence(spec.title, e.reference, e.recorded, code=f"{e.system}|{e.code}", display=e.display or e.code)
             for e in present
@@ -362,6 +428,107 @@ class FactComputer:
             "code": FactValue("code", spec.title, "found", evidence[0].code),
         }
         return fact
+
+    def _procedure(self, spec: ProcedureFact) -> FactValue:
+        """The most recent completed Procedure in the value set performed within the look-back."""
+        notes: list[str] = []
+        since = self.now - spec.lookback
+        found = []
+        uncertain: list[str] = []
+        for entry in self.record.procedures(spec.valueset):
+            name = f"{entry.reference} ({entry.display or entry.code})"
+            try:
+                entry.check()
+            except InvalidResource as exc:
+                uncertain.append(f"{name} cannot be read: {exc.error}")
+                continue
+            if entry.status not in PROCEDURE_STATUSES:
+                uncertain.append(f"{name} cannot be read: status {entry.status!r} is not a FHIR code")
+            elif entry.status != "completed":
+                if len(notes) < MAX_NOTES:
+                    notes.append(f"{name} not used: status {entry.status}")
+            elif entry.performed is None:
+                uncertain.append(f"{name} not used: {UNDATED}")
+            elif entry.performed > self.now + FUTURE_TOLERANCE:
+                uncertain.append(f"{name} not used: {FUTURE}")
+            elif entry.performed < since:
+                if len(notes) < MAX_NOTES:
+                    notes.append(f"{name} of {entry.performed.date()} is outside the {format_duration(spec.lookback)} look-back")
+            else:
+                found.append(entry)
+        if not found:
+            notes += uncertain[:MAX_NOTES]
+            if uncertain:
+                more = f" (and {len(uncertain) - 1} more)" if len(uncertain) > 1 else ""
+                notes.append(f"{uncertain[0]}{more}: no readable, dated completed Procedure in value set {spec.valueset} "
+                             f"within {format_duration(spec.lookback)}, so unknown")
+                return FactValue(spec.name, spec.title, "unknown", notes=notes)
+            notes.append(f"no completed Procedure in value set {spec.valueset} within {format_duration(spec.lookback)}")
+            return FactValue(spec.name, spec.title, "absent", notes=notes)
+        latest = max(found, key=lambda e: e.performed)
+        evidence = [Evidence(spec.title, latest.reference, latest.performed, code=f"{latest.system}|{latest.code}", display=latest.display or latest.code)]
+        fact = FactValue(spec.name, spec.title, "found", latest.display or latest.code, date=latest.performed, evidence=evidence, notes=notes)
+        fact.attributes = {
+            "display": FactValue("display", spec.title, "found", latest.display or latest.code),
+            "code": FactValue("code", spec.title, "found", f"{latest.system}|{latest.code}"),
+            "date": FactValue("date", spec.title, "found", latest.performed),
+        }
+        return fact
+
+    def _sustained(self, spec: SustainedFact) -> FactValue:
+        """Whether the observation has stayed below the threshold for at least `apart` (see SustainedFact)."""
+        obs = self.ruleset.facts[spec.of]
+        assert isinstance(obs, ObservationFact)
+        notes: list[str] = []
+        threshold = f"{format_number(spec.below)} {display_unit(obs.unit)}"
+        run: list[FactValue] = []  # consecutive results below the threshold, newest first
+        latest: FactValue | None = None
+        skipped = 0
+        for entry in self._scan(obs.valueset, spec.lookback, notes):
+            local: list[str] = []
+            reading = self._reading(entry, local)
+            if reading is None:
+                skipped += 1
+                notes += local if skipped <= MAX_NOTES else []
+                continue
+            value = self._normalise(obs, entry, reading, local)
+            below = NUMERIC_OPERATORS["lt"](value.interval, spec.below) if value.state == "found" else None
+            if below is None:
+                if not run:  # the latest result cannot be read: the current state is unknown
+                    notes += local
+                    notes.append(f"the latest {obs.title} cannot be compared with {threshold}, so unknown")
+                    return FactValue(spec.name, spec.title, "unknown", evidence=value.evidence, notes=notes)
+                notes += local
+                break  # continuity cannot be shown past an unreadable result
+            if latest is None:
+                latest = value
+            if not below:
+                break  # a result at or above the threshold ends the run
+            run.append(value)
+        if not run:
+            if latest is not None:
+                notes.append(f"latest {obs.title} {latest.shown} on {latest.date.date()} is not below {threshold}")
+                return FactValue(spec.name, spec.title, "found", False, evidence=latest.evidence, notes=notes)
+            if self._undatable(notes):
+                notes.append(f"no dated {obs.title} within {format_duration(spec.lookback)}; an undated or future-dated one makes this unknown")
+                return FactValue(spec.name, spec.title, "unknown", notes=notes)
+            notes.append(f"no usable {obs.title} within {format_duration(spec.lookback)}")
+            return FactValue(spec.name, spec.title, "found", False, notes=notes)
+        newest, oldest = run[0], run[-1]
+        evidence = newest.evidence + (oldest.evidence if oldest is not newest else [])
+        span = newest.date - oldest.date
+        if span >= spec.apart:
+            notes.append(
+                f"{obs.title} below {threshold} on {oldest.date.date()} and on {newest.date.date()} ({span.days} days apart, "
+                f"at least {format_duration(spec.apart)}), with none at or above it since"
+            )
+            return FactValue(spec.name, spec.title, "found", True, date=newest.date, evidence=evidence, notes=notes)
+        meaning = f"{spec.too_short}: " if spec.too_short else ""
+        notes.append(
+            f"{meaning}latest {obs.title} {newest.shown} on {newest.date.date()} is below {threshold}, but has not stayed "
+            f"below it for {format_duration(spec.apart)} (below since {oldest.date.date()} at most), so unknown"
+        )
+        return FactValue(spec.name, spec.title, "unknown", date=newest.date, evidence=evidence, notes=notes)
 
     def _patient(self, spec: PatientFact) -> FactValue:
         patient = self.record.patient()

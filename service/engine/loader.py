@@ -24,7 +24,8 @@ from .durations import DurationError, parse_duration
 from .logic import ALL_OPERATORS, NUMERIC_OPERATORS, PRESENCE_OPERATORS
 from .model import (
     Action, AllOf, AnyOf, CardSpec, ConditionFact, DefinitionFact, DetailLine, Expr, Fact, Leaf, Link,
-    NotOf, ObservationFact, OrderFact, PatientFact, ProductFact, Rule, RuleSet, Settings, Suggestion, facts_in,
+    NotOf, ObservationFact, OrderFact, PatientFact, ProcedureFact, ProductFact, Rule, RuleSet, Settings, Suggestion, SustainedFact,
+    facts_in,
 )
 from .templates import Placeholder, Template, TemplateError
 from .units import ANALYTES
@@ -276,9 +277,26 @@ class _Loader:
             if not unit_ok:
                 self.error(file, path + ("unit",), f"'{spec['unit']}' is not a {analyte.name} unit (expected one of: {', '.join(analyte.spellings)})", rule)
             lookback = self.duration(file, path + ("lookback",), spec["lookback"], rule)
-            if not (known and unit_ok and lookback):
+            low, high = spec["plausible"]
+            plausible_ok = 0 <= low < high
+            if not plausible_ok:
+                self.error(file, path + ("plausible",), f"expected [low, high] with 0 <= low < high, in {spec['unit']}", rule)
+            if not (known and unit_ok and lookback and plausible_ok):
                 return None
-            return ObservationFact(name, title, spec["observation"], analyte.name, spec["unit"], lookback, spec.get("default_upper_limit"))
+            return ObservationFact(
+                name, title, spec["observation"], analyte.name, spec["unit"], lookback, spec.get("default_upper_limit"), (float(low), float(high)),
+            )
+        if kind == "procedure":
+            known = self.known_valueset(file, path + ("procedure",), spec["procedure"], rule)
+            lookback = self.duration(file, path + ("lookback",), spec["lookback"], rule)
+            return ProcedureFact(name, title, spec["procedure"], lookback) if known and lookback else None
+        if kind == "sustained":
+            apart = self.duration(file, path + ("apart",), spec["apart"], rule)
+            lookback = self.duration(file, path + ("lookback",), spec["lookback"], rule)
+            if apart and lookback and apart >= lookback:
+                self.error(file, path + ("apart",), f"must be shorter than the look-back ({spec['lookback']})", rule)
+                return None
+            return SustainedFact(name, title, spec["sustained"], float(spec["below"]), apart, lookback, spec.get("too_short")) if apart and lookback else None
         if kind == "condition":
             return ConditionFact(name, title, spec["condition"]) if self.known_valueset(file, path + ("condition",), spec["condition"], rule) else None
         if kind == "patient":
@@ -301,6 +319,12 @@ class _Loader:
                             self.error(file, path + ("product", i), f"'{part}' must name an observation fact{self.suggest(part)}", rule)
                         self.facts.pop(name, None)
                         self.broken_facts.add(name)
+            elif isinstance(fact, SustainedFact):
+                if not isinstance(self.facts.get(fact.of), ObservationFact):
+                    if fact.of not in self.broken_facts:
+                        self.error(file, path + ("sustained",), f"'{fact.of}' must name an observation fact{self.suggest(fact.of)}", rule)
+                    self.facts.pop(name, None)
+                    self.broken_facts.add(name)
             elif isinstance(fact, DefinitionFact):
                 expr = self.expr(file, path + ("definition",), fact.when, rule)
                 if expr is None:
@@ -427,12 +451,13 @@ class _Loader:
         before = len(self.errors)
         if rule_id != file.path.stem:
             self.error(file, ("id",), f"rule id '{rule_id}' must match its file name '{file.path.stem}'", rule_id)
+        if "tests" in doc:
+            self.error(file, ("tests",), "rule files no longer list fixtures: write each scenario's `expect: [rule ids]` beside its reason in fixtures/fhir/scenarios.yaml", rule_id)
         when = self.expr(file, ("when",), doc["when"], rule_id)
         card = self.build_card(file, doc["card"], rule_id)
         if len(self.errors) > before or when is None or card is None:
             return None
         evidence = self._expanded(facts_in(when) + card.summary.fact_names)
-        tests = doc.get("tests", {})
         rule = Rule(
             id=rule_id,
             title=doc["title"],
@@ -442,8 +467,6 @@ class _Loader:
             card=card,
             suppresses=tuple(doc.get("suppresses", ())),
             evidence_facts=tuple(evidence),
-            tests_fire=tuple(tests.get("fires", ())),
-            tests_silent=tuple(tests.get("silent", ())),
             file=file.name,
             hooks=tuple(dict.fromkeys(doc.get("hooks", ("patient-view",)))),
         )
@@ -642,7 +665,7 @@ def template_attributes(fact: Fact) -> tuple[str, ...]:
         return ("value", "unit", "date", "sent", "upper_limit", "uln_multiple")
     if isinstance(fact, ProductFact):
         return ("value", "unit", "date")
-    if isinstance(fact, ConditionFact):
+    if isinstance(fact, (ConditionFact, ProcedureFact)):
         return ("display", "code", "date")
     if isinstance(fact, PatientFact):
         return ("value",)

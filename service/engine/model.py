@@ -22,6 +22,7 @@ class ObservationFact:
     unit: str
     lookback: timedelta
     default_upper_limit: float | None = None
+    plausible: tuple[float, float] | None = None  # outside it (in `unit`) a value is a data error: unknown
     kind = "number"
     attributes = ("uln_multiple", "upper_limit")
 
@@ -34,6 +35,39 @@ class ConditionFact:
     title: str
     valueset: str
     kind = "condition"
+    attributes = ()
+
+
+@dataclass(frozen=True)
+class ProcedureFact:
+    """A completed Procedure from a value set, performed within a look-back window."""
+
+    name: str
+    title: str
+    valueset: str
+    lookback: timedelta
+    kind = "condition"  # present / absent
+    attributes = ()
+
+
+@dataclass(frozen=True)
+class SustainedFact:
+    """Whether an Observation fact has stayed below a threshold for a while (e.g. chronic low eGFR).
+
+    Yes: two usable results below `below`, at least `apart` from each other, within `lookback`,
+    and none at or above it between them or since. No: the latest usable result is at or above
+    it, or there is none. Unknown: the latest is below it but not for long enough (e.g. possible
+    acute kidney injury), or the latest cannot be read.
+    """
+
+    name: str
+    title: str
+    of: str
+    below: float
+    apart: timedelta
+    lookback: timedelta
+    too_short: str | None = None  # what a result below the threshold for too short a time may mean, for the trace
+    kind = "boolean"
     attributes = ()
 
 
@@ -86,7 +120,7 @@ class DefinitionFact:
     attributes = ()
 
 
-Fact = Union[ObservationFact, ConditionFact, PatientFact, ProductFact, OrderFact, DefinitionFact]
+Fact = Union[ObservationFact, ConditionFact, ProcedureFact, SustainedFact, PatientFact, ProductFact, OrderFact, DefinitionFact]
 
 HOOKS = ("patient-view", "order-select", "order-sign")
 ORDER_HOOKS = ("order-select", "order-sign")
@@ -192,8 +226,6 @@ class Rule:
     card: CardSpec
     suppresses: tuple[str, ...]
     evidence_facts: tuple[str, ...]  # facts that decide the rule (its `when`) or its summary
-    tests_fire: tuple[str, ...]
-    tests_silent: tuple[str, ...]
     file: str
     hooks: tuple[str, ...] = ("patient-view",)
 
@@ -254,11 +286,17 @@ class RuleSet:
         for fact in self.facts_for(hook):
             if isinstance(fact, ProductFact):
                 parts |= {self.facts[n].valueset for n in fact.of if isinstance(self.facts.get(n), ObservationFact)}
+            elif isinstance(fact, SustainedFact) and isinstance(self.facts.get(fact.of), ObservationFact):
+                parts.add(self.facts[fact.of].valueset)
         return parts
 
     def condition_valuesets(self, hook: str | None = None) -> list[str]:
         """Value sets that Condition facts read, for prefetch templates."""
         return sorted({f.valueset for f in self.facts_for(hook) if isinstance(f, ConditionFact)})
+
+    def procedure_valuesets(self, hook: str | None = None) -> list[str]:
+        """Value sets that Procedure facts read, for prefetch templates."""
+        return sorted({f.valueset for f in self.facts_for(hook) if isinstance(f, ProcedureFact)})
 
     def needs_patient(self, hook: str | None = None) -> bool:
         """Say whether any fact reads the Patient resource."""

@@ -3,7 +3,7 @@
 Entries carry only what the engine needs to choose among them (status, date, the
 matched coding). The reading itself is loaded lazily, because loading validates the
 resource with fhir.resources (~200 µs each): only the few entries a rule actually
-uses are ever validated (../shared/MEASURED.md).
+uses are ever validated.
 """
 from __future__ import annotations
 
@@ -120,6 +120,34 @@ class OrderEntry:
         return self.text or next((d for _, _, d in self.codings if d), None) or self.reference
 
 
+@dataclass(eq=False)
+class ProcedureEntry:
+    resource_id: str
+    status: str | None
+    performed: datetime | None  # the end of performed[x] when given, else its start
+    system: str
+    code: str
+    display: str | None
+    source: object = field(repr=False)
+    validate: Callable[[object, str], None] = field(repr=False)
+    _error: object = field(default=_UNLOADED, repr=False)
+
+    @property
+    def reference(self) -> str:
+        return f"Procedure/{self.resource_id}"
+
+    def check(self) -> None:
+        """Raise InvalidResource if the resource is not valid FHIR R4 (checked once)."""
+        if self._error is _UNLOADED:
+            try:
+                self.validate(self.source, self.resource_id)
+                self._error = None
+            except InvalidResource as exc:
+                self._error = exc
+        if self._error is not None:
+            raise self._error  # type: ignore[misc]
+
+
 @dataclass(frozen=True)
 class PatientInfo:
     resource_id: str
@@ -135,6 +163,9 @@ class Record(Protocol):
 
     def conditions(self, valueset_id: str) -> Sequence[ConditionEntry]:
         """Condition entries whose code is in the value set."""
+
+    def procedures(self, valueset_id: str) -> Sequence[ProcedureEntry]:
+        """Procedure entries whose code is in the value set."""
 
     def patient(self) -> PatientInfo | None:
         """The Patient resource, if the data holds one."""

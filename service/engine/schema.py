@@ -46,6 +46,12 @@ FACT = {
     "unit": _string,
     "lookback": _string,
     "default_upper_limit": {"type": "number", "min": 0},
+    "plausible": {"type": "list", "minlength": 2, "maxlength": 2, "schema": {"type": "number"}},
+    "procedure": _string,
+    "sustained": _string,
+    "below": {"type": "number"},
+    "apart": _string,
+    "too_short": _string,
     "condition": _string,
     "patient": {"type": "string", "allowed": ["age", "sex"]},
     "product": {"type": "list", "minlength": 2, "maxlength": 2, "schema": _string},
@@ -53,16 +59,24 @@ FACT = {
     "definition": {"type": "dict"},
     "order": _string,
 }
-FACT_KINDS = ("observation", "condition", "patient", "product", "order", "definition")
+FACT_KINDS = ("observation", "condition", "procedure", "sustained", "patient", "product", "order", "definition")
 FACT_KEYS_BY_KIND = {
-    "observation": {"analyte", "unit", "lookback", "default_upper_limit"},
+    "observation": {"analyte", "unit", "lookback", "default_upper_limit", "plausible"},
     "condition": set(),
+    "procedure": {"lookback"},
+    "sustained": {"below", "apart", "lookback", "too_short"},
     "patient": set(),
     "product": {"within", "unit"},
     "order": set(),
     "definition": set(),
 }
-FACT_REQUIRED_BY_KIND = {"observation": {"analyte", "unit", "lookback"}, "product": {"within", "unit"}}
+FACT_REQUIRED_BY_KIND = {
+    # Every lab fact declares its plausible range: a value outside it is a data error, not a finding.
+    "observation": {"analyte", "unit", "lookback", "plausible"},
+    "procedure": {"lookback"},
+    "sustained": {"below", "apart", "lookback"},
+    "product": {"within", "unit"},
+}
 
 FACTS_FILE = {"facts": {"type": "dict", "required": True, "keysrules": {"type": "string", "regex": FACT_NAME}, "valuesrules": {"type": "dict", "schema": FACT}}}
 
@@ -125,6 +139,6 @@ RULE = {
     "suppresses": _strings,
     "hooks": {"type": "list", "minlength": 1, "schema": {"type": "string", "allowed": list(HOOKS)}},
     "card": {"type": "dict", "required": True, "schema": CARD},
-    "tests": {"type": "dict", "schema": {"fires": _strings, "silent": _strings}},
+    "tests": {},  # no longer read: the loader says where expectations live now
 }
 DETAIL_LINE = {"text": {**_string, "required": True}, "when": {"type": "dict", "required": True}}

@@ -1,7 +1,7 @@
 """One canonical unit per analyte, and the factors that bring lab units to it.
 
 Factors are per analyte because mmol/L <-> mg/dL depends on molar mass
-(../shared/CLINICAL.md, "Units"). Units are matched case-insensitively on the UCUM
+(the conversions are those of clinical chemistry: mmol/L x 4.008 = mg/dL calcium, x 3.097 phosphate). Units are matched case-insensitively on the UCUM
 code, falling back to the free-text unit when the code is missing. A unit that is
 not in the table makes the value unknown, never normal.
 """

@@ -31,6 +31,7 @@ class Reference(msgspec.Struct):
 
 class Period(msgspec.Struct):
     start: str | None = None
+    end: str | None = None
 
 
 class Head(msgspec.Struct):
@@ -49,10 +50,13 @@ class Head(msgspec.Struct):
     verificationStatus: Concept | None = None
     recordedDate: str | None = None
     onsetDateTime: str | None = None
+    performedDateTime: str | None = None
+    performedPeriod: Period | None = None
 
 
 class _Entry(msgspec.Struct):
     resource: msgspec.Raw = msgspec.Raw(b"null")
+    fullUrl: Any = None  # kept: a Bundle's references may name its Patient entry by it (urn:uuid:...)
 
 
 _OBJECT = msgspec.json.Decoder(dict[str, msgspec.Raw])
@@ -114,5 +118,5 @@ def _value(raw: msgspec.Raw) -> Any:
     except msgspec.ValidationError:  # an odd entry list: decode it all and let the usual checks speak
         return _ANY.decode(raw)
     bundle = {key: _ANY.decode(value) for key, value in fields.items() if key != "entry"}
-    bundle["entry"] = [{"resource": RawResource(e.resource)} for e in entries]
+    bundle["entry"] = [{"resource": RawResource(e.resource), "fullUrl": e.fullUrl} for e in entries]
     return bundle

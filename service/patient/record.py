@@ -12,7 +12,7 @@ import math
 from collections import defaultdict
 from typing import Any, Iterable
 
-from service.engine.record import ConditionEntry, InvalidResource, ObservationEntry, OrderEntry, PatientInfo, Reading
+from service.engine.record import ConditionEntry, InvalidResource, ObservationEntry, OrderEntry, PatientInfo, ProcedureEntry, Reading
 from service.engine.valuesets import CodeIndex
 
 import msgspec
@@ -39,15 +39,28 @@ _VALUE_PART = msgspec.json.Decoder(_ValuePart)
 
 
 class PatientRecord:
-    def __init__(self, code_index: CodeIndex, patient_id: str | None = None, *, log_context: dict | None = None) -> None:
+    def __init__(
+        self, code_index: CodeIndex, patient_id: str | None = None, *, log_context: dict | None = None,
+        aliases: Iterable[str] = (), base_url: str | None = None,
+    ) -> None:
         self.code_index = code_index
         self.patient_id = patient_id
+        # Other references that mean this patient: a Bundle entry's fullUrl (urn:uuid:...) or an absolute URL.
+        self.aliases = frozenset(aliases)
+        # Servers the patient is known on: the fhirServer, and the base of an absolute alias
+        # (".../fhir/Patient/7" makes ".../fhir/Patient/7/_history/2" this patient too).
+        suffix = f"/Patient/{patient_id}"
+        bases = [base_url.rstrip("/")] if base_url else []
+        bases += [a[: -len(suffix)] for a in sorted(self.aliases) if patient_id and a.endswith(suffix) and "://" in a]
+        self.bases = tuple(dict.fromkeys(bases))
+        self.unattributed = 0  # resources whose subject reference names no patient we can tell
         self.invalid: dict[str, str] = {}  # "Type/id" -> first validation problem
         self.other_patient = 0
         self.unreadable = 0  # resources whose indexed fields have the wrong JSON types (all counted)
         self._log_context = log_context or {}
         self._observations: dict[str, list[ObservationEntry]] = defaultdict(list)
         self._conditions: dict[str, list[ConditionEntry]] = defaultdict(list)
+        self._procedures: dict[str, list[ProcedureEntry]] = defaultdict(list)
         self._patient: PatientInfo | None = None
         self._patient_checked = False
         self._patient_raw: dict | None = None
@@ -60,6 +73,7 @@ class PatientRecord:
         # One bound method each, shared by every entry (no closure per resource).
         self._load_reading = self._reading
         self._validate_condition = lambda resource, rid: self._validate(resource, "Condition", rid)
+        self._validate_procedure = lambda resource, rid: self._validate(resource, "Procedure", rid)
 
     # --- building ----------------------------------------------------------------------------
 
@@ -73,11 +87,11 @@ class PatientRecord:
         """Index one resource if a rule can use it; skip other types."""
         try:
             head = resource.head() if isinstance(resource, RawResource) else msgspec.convert(resource, Head)
-        except msgspec.MsgspecError:
-            self._unreadable(resource)
+        except msgspec.MsgspecError as exc:
+            self._unreadable(resource, str(exc))
             return
         kind = head.resourceType
-        if kind not in ("Observation", "Condition", "Patient"):
+        if kind not in INDEXED_TYPES:
             return
         rid = head.id
         if not rid:
@@ -88,35 +102,74 @@ class PatientRecord:
         self._seen.add((kind, rid))
         if kind == "Patient":
             self._add_patient(resource, rid)
-        elif self._belongs_to_patient(head):
-            (self._add_observation if kind == "Observation" else self._add_condition)(head, resource, rid)
+        elif self._belongs_to_patient(head.subject.reference if head.subject else None):
+            {"Observation": self._add_observation, "Condition": self._add_condition, "Procedure": self._add_procedure}[kind](head, resource, rid)
 
-    def _unreadable(self, resource: dict | RawResource) -> None:
+    def _unreadable(self, resource: dict | RawResource, problem: str) -> None:
         """A resource whose code, dates or statuses have the wrong JSON types: invalid, reported.
 
         Each one is counted; only the first few are validated to say what is wrong and logged
         (validation costs ~200 µs: 50,000 of them took 8 s), so a hostile chart stays bounded.
+        A Condition or Procedure whose code still matches a value set is indexed as unreadable,
+        so the fact it would decide becomes unknown instead of absent.
         """
         full = resource.decode() if isinstance(resource, RawResource) else resource
         kind = full.get("resourceType") if isinstance(full, dict) else None
-        if kind in INDEXED_TYPES:
-            self.unreadable += 1
-            rid = full.get("id") if isinstance(full.get("id"), str) else "(no id)"
-            if self.unreadable <= MAX_DESCRIBED_UNREADABLE:
-                self._invalid(kind, rid, validation_error(full) or "unreadable structure")
-            elif self.unreadable == MAX_DESCRIBED_UNREADABLE + 1:
+        if kind not in INDEXED_TYPES:
+            return
+        self.unreadable += 1
+        rid = full.get("id") if isinstance(full.get("id"), str) else "(no id)"
+        if self.unreadable <= MAX_DESCRIBED_UNREADABLE:
+            error = self._invalid(kind, rid, validation_error(full) or f"unreadable structure ({problem})")
+        else:
+            error = InvalidResource(kind, rid, f"unreadable structure ({problem})")
+            if self.unreadable == MAX_DESCRIBED_UNREADABLE + 1:
                 log.warning(
                     "more unreadable resources: counted, not described",
                     extra={"event": "invalid_resource_sample_full", "described": MAX_DESCRIBED_UNREADABLE, **self._log_context},
                 )
+        if kind in ("Condition", "Procedure"):
+            self._index_unreadable(kind, full, rid, error)
 
-    def _belongs_to_patient(self, head: Head) -> bool:
-        reference = head.subject.reference if head.subject else None
-        if not self.patient_id or not reference or "Patient/" not in reference:
+    def _index_unreadable(self, kind: str, full: dict, rid: str, error: InvalidResource) -> None:
+        subject = full.get("subject")
+        reference = subject.get("reference") if isinstance(subject, dict) else None
+        code = full.get("code")
+        codings = code.get("coding") if isinstance(code, dict) else None
+        if not isinstance(codings, list) or not self._belongs_to_patient(reference if isinstance(reference, str) else None):
+            return
+        for coding in codings:
+            if not isinstance(coding, dict) or not isinstance(coding.get("system"), str) or not isinstance(coding.get("code"), str):
+                continue
+            ids = self.code_index.match(coding["system"], coding["code"])
+            if not ids:
+                continue
+
+            def fail(source: object, resource_id: str, error: InvalidResource = error) -> None:
+                raise error
+
+            display = coding.get("display") if isinstance(coding.get("display"), str) else None
+            if kind == "Condition":
+                entry: ConditionEntry | ProcedureEntry = ConditionEntry(rid, None, None, coding["system"], coding["code"], display, None, source=full, validate=fail)
+                index: dict = self._conditions
+            else:
+                entry = ProcedureEntry(rid, None, None, coding["system"], coding["code"], display, source=full, validate=fail)
+                index = self._procedures
+            for vs_id in ids:
+                index[vs_id].append(entry)
+            return
+
+    def _belongs_to_patient(self, reference: str | None) -> bool:
+        """Say whether a subject reference means this patient; count those about others or no one we can tell."""
+        if not self.patient_id or not reference:
+            return True  # prefetch and server searches are for this patient
+        named = {referenced_patient(reference, base) for base in self.bases or (None,)}
+        if reference in self.aliases or self.patient_id in named:
             return True
-        if reference.rsplit("Patient/", 1)[1].split("/")[0] == self.patient_id:
-            return True
-        self.other_patient += 1
+        if named - {None}:
+            self.other_patient += 1
+        else:
+            self.unattributed += 1
         return False
 
     def _matches(self, head: Head) -> list[tuple[Coding, frozenset[str]]]:
@@ -165,6 +218,20 @@ class PatientRecord:
         for vs_id in frozenset().union(*(ids for _, ids in matches)):
             self._conditions[vs_id].append(entry)
 
+    def _add_procedure(self, head: Head, source: dict | RawResource, rid: str) -> None:
+        matches = self._matches(head)
+        if not matches:
+            return
+        coding = matches[0][0]
+        period = head.performedPeriod
+        performed = parse_datetime(head.performedDateTime or (period.end or period.start if period else None))
+        entry = ProcedureEntry(
+            rid, head.status, performed, coding.system, coding.code, coding.display or (head.code.text if head.code else None),
+            source=source, validate=self._validate_procedure,
+        )
+        for vs_id in frozenset().union(*(ids for _, ids in matches)):
+            self._procedures[vs_id].append(entry)
+
     def _add_patient(self, resource: dict | RawResource, rid: str) -> None:
         if self.patient_id and rid != self.patient_id:
             self.other_patient += 1
@@ -189,7 +256,9 @@ class PatientRecord:
             self.invalid[key] = problem
             if len(self.invalid) > MAX_DESCRIBED_UNREADABLE:
                 return InvalidResource(kind, rid, problem)  # counted and shown in explanations, not logged
-            log.warning("invalid FHIR resource skipped", extra={"event": "invalid_resource", "resource": key, "problem": problem, **self._log_context})
+            # A Patient's id is patient data: its type alone goes to the log.
+            shown = key if kind != "Patient" else "Patient"
+            log.warning("invalid FHIR resource skipped", extra={"event": "invalid_resource", "resource": shown, "problem": problem, **self._log_context})
         return InvalidResource(kind, rid, problem)
 
     def _validate(self, source: dict | RawResource, kind: str, rid: str) -> dict:
@@ -242,6 +311,9 @@ class PatientRecord:
     def conditions(self, valueset_id: str) -> list[ConditionEntry]:
         return self._conditions.get(valueset_id, [])
 
+    def procedures(self, valueset_id: str) -> list[ProcedureEntry]:
+        return self._procedures.get(valueset_id, [])
+
     def patient(self) -> PatientInfo | None:
         if not self._patient_checked:
             self._patient_checked = True
@@ -271,6 +343,7 @@ class PatientRecord:
         return {
             "observations": len({id(e) for entries in self._observations.values() for e in entries}),
             "conditions": len({id(e) for entries in self._conditions.values() for e in entries}),
+            "procedures": len({id(e) for entries in self._procedures.values() for e in entries}),
         }
 
 
@@ -297,6 +370,41 @@ def _coded_text(concept: object) -> str:
         coding = (concept.get("coding") or [{}])[0]
         return coding.get("code") or concept.get("text") or "unknown"
     return "unknown"
+
+
+def referenced_patient(reference: str, base_url: str | None = None) -> str | None:
+    """The patient id a reference names: `Patient/<id>`, `Patient/<id>/_history/<n>`, or either
+    absolute on `base_url` (the FHIR server the data came from); None for any other form."""
+    if base_url and reference.startswith(base_url.rstrip("/") + "/"):
+        reference = reference[len(base_url.rstrip("/")) + 1:]
+    parts = reference.split("/")
+    if parts[0] != "Patient" or len(parts) not in (2, 4) or not parts[1]:
+        return None
+    if len(parts) == 4 and (parts[2] != "_history" or not parts[3]):
+        return None
+    return parts[1]
+
+
+def patient_aliases(values: Iterable[object], patient_id: str | None) -> set[str]:
+    """The fullUrls that Bundles among `values` give this patient's Patient entry (e.g. urn:uuid:...)."""
+    found: set[str] = set()
+    if not patient_id:
+        return found
+    for value in values:
+        if not isinstance(value, dict) or value.get("resourceType") != "Bundle" or not isinstance(value.get("entry"), list):
+            continue
+        for entry in value["entry"]:
+            url = entry.get("fullUrl") if isinstance(entry, dict) else None
+            if not isinstance(url, str) or not (url.startswith("urn:") or "/Patient/" in url):
+                continue  # only a Patient entry can name the patient; most entries stop here
+            resource = entry.get("resource")
+            try:
+                head = resource.head() if isinstance(resource, RawResource) else msgspec.convert(resource, Head)
+            except msgspec.MsgspecError:
+                continue
+            if head.resourceType == "Patient" and head.id == patient_id:
+                found.add(url)
+    return found
 
 
 def resources_in(value: object) -> list[dict | RawResource]:

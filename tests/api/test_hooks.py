@@ -107,7 +107,8 @@ def test_missing_prefetch_is_fetched_from_the_fhir_server_with_the_bearer_token(
     response = client.post(URL, json=request_without_prefetch("esrd-dialysis-high-product.json", token="secret-token-123"))
     assert response.status_code == 200
     assert [c["source"]["topic"]["code"] for c in response.json["cards"]] == ["calciphylaxis-risk"]
-    assert len(server.calls) == 3
+    assert len(server.calls) == 4  # Patient, Observations, Conditions, Procedures
+    assert any("/Procedure?" in call.url and "status=completed" in call.url for call in server.calls)
     assert all(call.headers["Authorization"] == "Bearer secret-token-123" for call in server.calls)
     assert any("/Patient/esrd-dialysis-high-product" in call.url for call in server.calls)
 
@@ -172,7 +173,7 @@ def test_missing_prefetch_without_fhir_server_is_412(client):
     assert response.status_code == 412
     error = response.json["error"]
     assert error["code"] == "prefetch_unavailable"
-    assert {m["key"] for m in error["missing"]} == {"patient", "observations", "conditions"}
+    assert {m["key"] for m in error["missing"]} == {"patient", "observations", "conditions", "procedures"}
     assert all("no fhirServer" in m["reason"] for m in error["missing"])
 
 

@@ -213,3 +213,10 @@ def test_replay_runs_order_hook_requests_like_patient_view_ones(capsys):
     assert main([str(ORDERS / "three-orders-sign-livedo.json"), "--json"]) == 0
     line = orjson.loads(capsys.readouterr().out.strip().splitlines()[0])
     assert set(line["rules"]) == ORDER_RULES
+
+
+def test_rules_test_command_passes_on_the_order_fixtures(capsys):
+    from service.cli import rules_main
+
+    assert rules_main(["test", "--fixtures", str(ORDERS)]) == 0
+    assert " 0 failed" in capsys.readouterr().out

@@ -75,11 +75,11 @@ def test_replaying_the_fixtures_with_expect_exits_0_and_prints_each_patients_rul
     assert main([str(FIXTURES), "--expect", "--no-progress"]) == 0
     out = capsys.readouterr().out
     rows = table_rows(out)
-    assert len(rows) == 31
+    assert len(rows) == len(list(FIXTURES.glob("*.json")))
     assert rows["esrd-dialysis-high-product"] == ["calciphylaxis-risk"]
     assert rows["dialysis-livedo-high-product"] == ["calciphylaxis-risk", "calciphylaxis-workup"]
     assert rows["no-data-patient"] == []
-    assert "expectations: 31 ok, 0 mismatch(es), 0 case(s) without expectation" in out
+    assert f"expectations: {len(rows)} ok, 0 mismatch(es), 0 case(s) without expectation" in out
 
 
 def test_expect_exits_1_and_names_the_mismatch_when_a_threshold_is_raised(tmp_path, capsys):
@@ -94,7 +94,8 @@ def test_expect_exits_1_and_names_the_mismatch_when_a_threshold_is_raised(tmp_pa
     out = capsys.readouterr().out
     assert f"MISMATCH {HIGH_PRODUCT}: expected calciphylaxis-risk, fired no rule (missing calciphylaxis-risk)" in out
     assert "MISMATCH dialysis-livedo-high-product.json: expected calciphylaxis-risk, calciphylaxis-workup, fired calciphylaxis-workup (missing calciphylaxis-risk)" in out
-    assert "3 mismatch(es)" in out
+    # Every scenario expecting calciphylaxis-risk with a product under 80 now misses it.
+    assert "6 mismatch(es)" in out
 
 
 def test_a_broken_rule_set_prints_its_errors_and_exits_1(tmp_path, capsys):
@@ -112,7 +113,7 @@ def test_a_broken_rule_set_prints_its_errors_and_exits_1(tmp_path, capsys):
 def test_json_output_is_one_object_per_patient_with_the_fired_rule_ids(capsys):
     assert main([str(FIXTURES), "--json", "--expect", "--no-progress"]) == 0
     by_case = json_lines(capsys.readouterr().out)
-    assert len(by_case) == 31
+    assert len(by_case) == len(list(FIXTURES.glob("*.json")))
     assert by_case[HIGH_PRODUCT]["rules"] == ["calciphylaxis-risk"]
     assert by_case[HIGH_PRODUCT]["patient"] == "esrd-dialysis-high-product"
     assert by_case[HIGH_PRODUCT]["evaluated_at"] == "2026-11-01T12:00:00+00:00"  # the Bundle's timestamp
@@ -122,7 +123,7 @@ def test_json_output_is_one_object_per_patient_with_the_fired_rule_ids(capsys):
     assert {o["expectation"] for o in by_case.values()} == {"ok"}
 
 
-def test_a_case_no_rule_test_names_has_no_expectation_rather_than_a_mismatch(tmp_path, capsys):
+def test_a_case_no_scenario_names_has_no_expectation_rather_than_a_mismatch(tmp_path, capsys):
     shutil.copy(FIXTURES / HIGH_PRODUCT, tmp_path / "brand-new-scenario.json")
     assert main([str(tmp_path), "--expect", "--json"]) == 0
     captured = capsys.readouterr()
@@ -137,6 +138,7 @@ def test_a_cds_hooks_request_file_is_replayed_like_its_bundle(tmp_path, capsys):
     request = hook_request_for(case, prefetch_templates(ruleset), str(uuid.uuid4()))
     assert request["hook"] == "patient-view"
     (tmp_path / HIGH_PRODUCT).write_text(json.dumps(request))
+    shutil.copy(FIXTURES / "scenarios.yaml", tmp_path / "scenarios.yaml")  # the expectation lives beside the file
 
     assert main([str(tmp_path / HIGH_PRODUCT), "--json", "--expect", "--now", SCENARIO_NOW]) == 0
     result = json_lines(capsys.readouterr().out)[HIGH_PRODUCT]
@@ -153,8 +155,8 @@ def test_a_progress_bar_is_drawn_on_a_terminal_for_more_than_20_cases_and_not_wi
         terminal = Terminal()
         monkeypatch.setattr("sys.stderr", terminal)
         assert main([str(FIXTURES), "--json", *flags]) == 0
-        assert ("replaying:" in terminal.getvalue() and "/31" in terminal.getvalue()) is drawn
-    assert len(json_lines(capsys.readouterr().out)) == 31  # the bar never lands on stdout
+        assert ("replaying:" in terminal.getvalue() and f"/{len(list(FIXTURES.glob('*.json')))}" in terminal.getvalue()) is drawn
+    assert len(json_lines(capsys.readouterr().out)) == len(list(FIXTURES.glob("*.json")))  # the bar never lands on stdout
 
 
 def test_unreadable_input_exits_2_naming_the_file(tmp_path, capsys):
@@ -175,7 +177,7 @@ def test_url_mode_sends_hook_calls_to_the_running_app_and_reads_the_cards_back(a
     assert by_case[HIGH_PRODUCT]["cards"][0]["summary"] == "Calciphylaxis risk: Ca x P 74.9 mg²/dL² with kidney failure"
     assert {o["expectation"] for o in by_case.values()} == {"ok"}  # the app's clock is the scenarios' time
     assert seen[0][0] == "/cds-services"  # discovery first
-    assert [path for path, _ in seen[1:]] == ["/cds-services/calcinosis-risk"] * 31
+    assert [path for path, _ in seen[1:]] == ["/cds-services/calcinosis-risk"] * len(list(FIXTURES.glob("*.json")))
     assert all(token is None for _, token in seen)  # unsigned unless --jwt-key
 
 

@@ -17,7 +17,7 @@ from typing import Iterable, Mapping, Sequence
 
 import yaml
 
-from service.engine.record import ConditionEntry, InvalidResource, ObservationEntry, PatientInfo, Reading
+from service.engine.record import ConditionEntry, InvalidResource, ObservationEntry, PatientInfo, ProcedureEntry, Reading
 from service.engine.valuesets import CodeIndex
 
 NOW = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
@@ -97,6 +97,24 @@ def condition(
     return ConditionEntry(rid, clinical, verification, system, code, display, recorded or days_ago(365), source=None, validate=validate)
 
 
+def procedure(
+    code: str = "265764009",
+    *,
+    system: str = SNOMED,
+    status: str | None = "completed",
+    performed: datetime | None = None,
+    invalid: str | None = None,
+    rid: str | None = None,
+) -> ProcedureEntry:
+    rid = rid or f"proc-{next(_ids)}"
+
+    def validate(source: object, resource_id: str) -> None:
+        if invalid is not None:
+            raise InvalidResource("Procedure", rid, invalid)
+
+    return ProcedureEntry(rid, status, performed, system, code, "Renal dialysis", source=None, validate=validate)
+
+
 def patient(birth_date: date | None = None, gender: str | None = None, rid: str = "pat-1") -> PatientInfo:
     return PatientInfo(rid, birth_date, gender)
 
@@ -117,8 +135,10 @@ class FakeRecord:
         observations: Mapping[str, Sequence[ObservationEntry]] | None = None,
         conditions: Mapping[str, Sequence[ConditionEntry]] | None = None,
         patient: PatientInfo | None = None,
+        procedures: Mapping[str, Sequence[ProcedureEntry]] | None = None,
     ) -> None:
         self._observations = {vs: _newest_first(entries) for vs, entries in (observations or {}).items()}
+        self._procedures = {vs: list(entries) for vs, entries in (procedures or {}).items()}
         self._conditions = {vs: list(entries) for vs, entries in (conditions or {}).items()}
         self._patient = patient
         self.observation_reads: Counter[str] = Counter()
@@ -132,6 +152,7 @@ class FakeRecord:
         observations: Iterable[ObservationEntry] = (),
         conditions: Iterable[ConditionEntry] = (),
         patient: PatientInfo | None = None,
+        procedures: Iterable[ProcedureEntry] = (),
     ) -> "FakeRecord":
         """Place entries under every value set their system + code belongs to (as the real record does)."""
         obs: dict[str, list[ObservationEntry]] = {}
@@ -142,7 +163,11 @@ class FakeRecord:
         for entry in conditions:
             for vs in code_index.match(entry.system, entry.code):
                 conds.setdefault(vs, []).append(entry)
-        return cls(obs, conds, patient)
+        procs: dict[str, list[ProcedureEntry]] = {}
+        for entry in procedures:
+            for vs in code_index.match(entry.system, entry.code):
+                procs.setdefault(vs, []).append(entry)
+        return cls(obs, conds, patient, procs)
 
     def observations(self, valueset_id: str) -> Sequence[ObservationEntry]:
         self.observation_reads[valueset_id] += 1
@@ -151,6 +176,9 @@ class FakeRecord:
     def conditions(self, valueset_id: str) -> Sequence[ConditionEntry]:
         self.condition_reads[valueset_id] += 1
         return self._conditions.get(valueset_id, [])
+
+    def procedures(self, valueset_id: str) -> Sequence[ProcedureEntry]:
+        return self._procedures.get(valueset_id, [])
 
     def patient(self) -> PatientInfo | None:
         self.patient_reads += 1
@@ -182,11 +210,11 @@ VALUESETS: dict[str, list[tuple[str, str]]] = {
 }
 
 FACTS: dict[str, dict] = {
-    "calcium": {"title": "Total calcium", "observation": "calcium", "analyte": "calcium", "unit": "mg/dL", "lookback": "P90D"},
-    "phosphate": {"title": "Phosphate", "observation": "phosphate", "analyte": "phosphate", "unit": "mg/dL", "lookback": "P90D"},
-    "pth": {"title": "Intact PTH", "observation": "pth", "analyte": "pth", "unit": "pg/mL", "lookback": "P180D"},
-    "egfr": {"title": "eGFR", "observation": "egfr", "analyte": "egfr", "unit": "mL/min/{1.73_m2}", "lookback": "P180D"},
-    "albumin": {"title": "Albumin", "observation": "albumin", "analyte": "albumin", "unit": "g/dL", "lookback": "P90D"},
+    "calcium": {"title": "Total calcium", "observation": "calcium", "analyte": "calcium", "unit": "mg/dL", "lookback": "P90D", "plausible": [1, 25]},
+    "phosphate": {"title": "Phosphate", "observation": "phosphate", "analyte": "phosphate", "unit": "mg/dL", "lookback": "P90D", "plausible": [0.2, 25]},
+    "pth": {"title": "Intact PTH", "observation": "pth", "analyte": "pth", "unit": "pg/mL", "lookback": "P180D", "plausible": [1, 5000]},
+    "egfr": {"title": "eGFR", "observation": "egfr", "analyte": "egfr", "unit": "mL/min/{1.73_m2}", "lookback": "P180D", "plausible": [0, 250]},
+    "albumin": {"title": "Albumin", "observation": "albumin", "analyte": "albumin", "unit": "g/dL", "lookback": "P90D", "plausible": [0.5, 7]},
     "ca_x_p": {"title": "Calcium x phosphate", "product": ["calcium", "phosphate"], "within": "P7D", "unit": "mg²/dL²"},
     "kidney_dx": {"title": "Kidney failure diagnosis", "condition": "kidney"},
     "skin_lesion": {"title": "Skin lesion", "condition": "skin"},

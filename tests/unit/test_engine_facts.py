@@ -23,6 +23,7 @@ PTH_DEFAULT = {
     "analyte": "pth",
     "unit": "pg/mL",
     "lookback": "P180D",
+    "plausible": [1, 5000],
     "default_upper_limit": 65,
 }
 
@@ -90,17 +91,37 @@ def test_each_fact_uses_its_own_lookback(ruleset):
     assert fact(ruleset, record, "pth").state == "found"
 
 
-def test_future_dated_value_is_ignored(ruleset):
+def test_value_dated_less_than_a_day_ahead_counts_as_now(ruleset):
+    # Clocks and lab time zones differ: a result stamped an hour ahead is current, not an error.
     record = calcium_record(observation(15, at=NOW + timedelta(hours=1)), observation(9, at=days_ago(1)))
+    assert fact(ruleset, record, "calcium").value == 15
+
+
+def test_value_dated_more_than_a_day_ahead_is_not_used_and_says_so(ruleset):
+    record = calcium_record(observation(15, at=NOW + timedelta(days=2), rid="ca-future"), observation(9, at=days_ago(1)))
     value = fact(ruleset, record, "calcium")
     assert value.value == 9
-    assert any("dated after the evaluation time" in n for n in value.notes)
+    assert "Observation/ca-future not used: dated in the future" in value.notes
 
 
-def test_value_without_a_date_is_ignored(ruleset):
-    value = fact(ruleset, calcium_record(observation(15, at=None)), "calcium")
-    assert value.state == "absent"
-    assert any("no effective date" in n for n in value.notes)
+def test_only_a_future_dated_value_makes_the_fact_unknown_not_absent(ruleset):
+    value = fact(ruleset, calcium_record(observation(15, at=NOW + timedelta(days=3))), "calcium")
+    assert value.state == "unknown"
+    assert result(ruleset, calcium_record(observation(15, at=NOW + timedelta(days=3))), "calcium-high").result is None
+
+
+def test_value_without_a_date_is_not_used_and_explained_as_undated(ruleset):
+    value = fact(ruleset, calcium_record(observation(15, at=None, rid="ca-undated")), "calcium")
+    assert value.state == "unknown"  # it may be current: never "no result within 90 days"
+    assert "Observation/ca-undated not used: undated" in value.notes
+    assert not any("within 90 days" in n and "no usable result" in n for n in value.notes)
+
+
+def test_an_undated_value_beside_a_dated_one_leaves_the_dated_one_in_use(ruleset):
+    record = calcium_record(observation(15, at=None, rid="ca-undated"), observation(9, at=days_ago(200)), observation(9.5, at=days_ago(2)))
+    value = fact(ruleset, record, "calcium")
+    assert value.value == 9.5
+    assert "Observation/ca-undated not used: undated" in value.notes
 
 
 # --- status -------------------------------------------------------------------------------------------
@@ -347,7 +368,22 @@ def test_invalid_condition_is_skipped_and_a_valid_one_still_counts(ruleset):
     value = fact(ruleset, record, "kidney_dx")
     assert value.state == "found"
     assert value.value == "Dialysis"
-    assert any("Condition/c-bad skipped: not valid FHIR R4" in n for n in value.notes)
+    assert any(n.startswith("Condition/c-bad") and "cannot be read: broken" in n for n in value.notes)
+
+
+def test_an_unreadable_matching_condition_alone_makes_the_fact_unknown_not_absent(ruleset):
+    record = FakeRecord(conditions={"kidney": [condition("N18.6", invalid="clinicalStatus: wrong type", rid="c-bad")]})
+    value = fact(ruleset, record, "kidney_dx")
+    assert value.state == "unknown"
+    assert "Condition/c-bad (N18.6) cannot be read: clinicalStatus: wrong type" in value.notes
+    assert result(ruleset, record, "kidney-failure-present").result is None
+
+
+@pytest.mark.parametrize("field", ["clinical", "verification"])
+def test_a_status_code_outside_fhir_makes_the_condition_unreadable(ruleset, field):
+    value = fact(ruleset, kidney(**{field: "actve"}), "kidney_dx")
+    assert value.state == "unknown"
+    assert any("'actve' is not a FHIR code" in n for n in value.notes)
 
 
 def test_condition_fact_shows_display_and_code_of_the_first_present_condition(ruleset):
@@ -579,3 +615,14 @@ def test_latest_value_behind_thousands_of_unusable_ones_reads_each_once_with_bou
     assert value.value == pytest.approx(9.5)
     assert max(len(e.load_count) for e in bad) == 1
     assert len(value.notes) <= 8
+
+
+@pytest.mark.parametrize("value", [99999, 1e308, 0.5])
+def test_a_calcium_outside_its_plausible_range_is_unknown_never_a_finding(ruleset, value):
+    record = product_record([ca(value, 1, rid="ca-odd")], [phos(7.4, 1)])
+    calcium = fact(ruleset, record, "calcium")
+    assert calcium.state == "unknown"
+    assert any(n.startswith("Observation/ca-odd: implausible:") for n in calcium.notes)
+    product = fact(ruleset, record, "ca_x_p")
+    assert product.state == "unknown" and product.value is None  # never 739993, never inf
+    assert result(ruleset, record, "product-high").result is None

@@ -171,7 +171,7 @@ def test_between_with_low_above_high_is_reported(tmp_path):
 
 # --- facts -----------------------------------------------------------------------------------------------
 
-LOCAL_FACT = "facts:\n  calcium_recent:\n    title: Recent calcium\n    observation: {vs}\n    analyte: calcium\n    unit: mg/dL\n    lookback: {lookback}\n"
+LOCAL_FACT = "facts:\n  calcium_recent:\n    title: Recent calcium\n    observation: {vs}\n    analyte: calcium\n    unit: mg/dL\n    lookback: {lookback}\n    plausible: [1, 25]\n"
 
 
 def test_unknown_value_set_is_reported_with_a_did_you_mean(tmp_path):
@@ -250,6 +250,7 @@ def test_definition_cycle_is_reported(tmp_path):
             analyte: calcium
             unit: mg/dL
             lookback: P90D
+            plausible: [1, 25]
           alpha:
             title: Alpha
             definition: {fact: beta, operator: is, value: true}
