@@ -585,7 +585,7 @@ def test_documentation_url_with_an_unknown_placeholder_is_an_error(tmp_path):
 
 ORDER_VALUESETS = {"calcium": [("http://loinc.org", "17861-6")], "punch": [("http://www.ama-assn.org/go/cpt", "11104")]}
 ORDER_FACTS = {
-    "calcium": {"title": "Total calcium", "observation": "calcium", "analyte": "calcium", "unit": "mg/dL", "lookback": "P90D"},
+    "calcium": {"title": "Total calcium", "observation": "calcium", "analyte": "calcium", "unit": "mg/dL", "lookback": "P90D", "plausible": [1, 25]},
     "punch_order": {"title": "Draft punch biopsy", "order": "punch"},
 }
 
