@@ -19,7 +19,8 @@ preload_app = True
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
 graceful_timeout = 10
 keepalive = 5
-# Access logs would add nothing that the JSON request log and metrics do not already say.
+# The app writes its own JSON access line per request (CDS_ACCESS_LOG, on by default), by route
+# template and never with the query string; gunicorn's own access log would print raw paths.
 accesslog = None
 errorlog = "-"
 

@@ -16,10 +16,12 @@ from werkzeug.exceptions import HTTPException
 
 from . import config as config_module
 from . import logs, metrics
+from .bounded_http import bounded_session, origin, parse_origin
 from .store import Store
-from .errors import ServiceError, ServiceUnavailable, Unauthorized
+from .errors import BadRequest, ServiceError, ServiceUnavailable, Unauthorized
 
 log = logging.getLogger(__name__)
+_access = logging.getLogger("service.access")
 
 
 class Calcinosis:
@@ -32,8 +34,11 @@ class Calcinosis:
 
         self.config = app.config
         self.rules = RuleStore(app.config["RULES_DIR"], validate_resource=validation_error)
-        self.session: requests.Session = app.config.get("HTTP_SESSION") or requests.Session()
-        self.fetch_settings = FetchSettings(self.session, app.config["FHIR_TIMEOUT"], app.config["FHIR_MAX_PAGES"], app.config["FHIR_BUDGET"])
+        self.session: requests.Session = app.config.get("HTTP_SESSION") or bounded_session()
+        self.fetch_settings = FetchSettings(
+            self.session, app.config["FHIR_TIMEOUT"], app.config["FHIR_MAX_PAGES"], app.config["FHIR_BUDGET"],
+            app.config["FHIR_MAX_BYTES"],
+        )
         fixed = app.config.get("NOW")
         self._clock: Callable[[], datetime] = app.config.get("CLOCK") or (
             (lambda: datetime.fromisoformat(fixed.replace("Z", "+00:00"))) if fixed else (lambda: datetime.now(UTC))
@@ -41,7 +46,18 @@ class Calcinosis:
         self.new_uuid: Callable[[], str] = app.config.get("UUID") or (lambda: str(uuid.uuid4()))
         self.store = app.config.get("STORE") or Store.from_url(app.config["DATABASE_URL"])
         self.auth_disabled = str(app.config["AUTH"]).lower() == "disabled"
+        if not self.auth_disabled and not app.config["PUBLIC_BASE_URL"]:
+            # The JWT audience must not come from the Host header, which the caller chooses.
+            raise SystemExit(
+                "CDS_PUBLIC_BASE_URL is required when CDS client authentication is enabled: set it to the "
+                "service's public URL (the JWT aud is that URL + the endpoint path), or set CDS_AUTH=disabled"
+            )
+        try:
+            self.fhir_servers = tuple(parse_origin(o) for o in str(app.config["FHIR_SERVERS"]).split(",") if o.strip())
+        except ValueError as exc:
+            raise SystemExit(f"CDS_FHIR_SERVERS: {exc}") from None
         self.authenticator = None if self.auth_disabled else self._authenticator(app.config)
+        self.fhir_servers_unrestricted = self._warn_if_fhir_servers_unrestricted()
         self.rules.listeners.append(lambda ok: metrics.RULE_RELOADS.labels("ok" if ok else "refused").inc())
 
     def _authenticator(self, config):
@@ -59,13 +75,44 @@ class Calcinosis:
             session=self.session,
             clock=config.get("AUTH_CLOCK") or time.time,
             replay_cache=_StoreReplayCache(self.store),
+            max_lifetime=config["MAX_TOKEN_LIFETIME"],
         )
+
+    def _warn_if_fhir_servers_unrestricted(self) -> bool:
+        """Say at start-up when a hook call may name any fhirServer (the service would fetch from it)."""
+        if self.fhir_servers:
+            return False
+        if self.auth_disabled:
+            open_to = ["every caller (CDS_AUTH=disabled)"]
+        else:
+            open_to = [issuer.iss for issuer in self.authenticator.issuers if issuer.fhir_servers is None]
+        if open_to:
+            log.warning(
+                "any fhirServer is accepted: set fhir_servers per trusted issuer or CDS_FHIR_SERVERS",
+                extra={"event": "fhir_servers_unrestricted", "for": open_to},
+            )
+        return bool(open_to)
+
+    def check_fhir_server(self, fhir_server: str | None) -> None:
+        """Refuse a fhirServer whose origin is not trusted for this caller, before anything is fetched."""
+        if fhir_server is None:
+            return
+        allowed = self.fhir_servers
+        if not self.auth_disabled:
+            issuer = self.authenticator.issuers.get(g.get("cds_client") or "")
+            if issuer is not None and issuer.fhir_servers is not None:
+                allowed = issuer.fhir_servers
+        if allowed and origin(fhir_server) not in allowed:
+            raise BadRequest(
+                "fhirServer is not a FHIR server this service trusts for this client",
+                code="untrusted_fhir_server", field="fhirServer",
+            )
 
     def now(self) -> datetime:
         return self._clock()
 
     def base_url(self) -> str:
-        """The public base URL: configured (behind a proxy) or as the request reached us."""
+        """The public base URL: configured (required with auth), or as the request reached us (auth disabled)."""
         return (self.config["PUBLIC_BASE_URL"] or request.host_url).rstrip("/")
 
     def documentation_url(self, rule_id: str) -> str:
@@ -99,7 +146,15 @@ class Calcinosis:
         ]
         for card in issued:
             metrics.CARDS.labels(card.rule_id, card.indicator).inc()
-        self.store.record_cards(hook_instance, service_id, issued, self.now())
+        try:
+            self.store.record_cards(hook_instance, service_id, issued, self.now())
+        except Exception as exc:  # the clinician still gets the cards; only feedback attribution is lost
+            metrics.CARD_RECORD_FAILURES.inc()
+            log.error(
+                "issued cards not recorded; answering them anyway",
+                extra={"event": "cards_not_recorded", "hookInstance": hook_instance, "service": service_id,
+                       "cards": len(issued), "error_type": type(exc).__name__},
+            )
 
 
 class _StoreReplayCache:
@@ -159,8 +214,24 @@ def freeze_long_lived_objects() -> None:
     gc.freeze()
 
 
+def request_labels() -> tuple[str, str]:
+    """(service, endpoint) for metrics and the access log, from the matched route, never the raw path.
+
+    Anyone can POST to /cds-services/<anything>: a label per path would let them grow /metrics
+    without bound, so an id that is not a known service is "unknown".
+    """
+    from .cds_hooks.services import SERVICES
+
+    rule = request.url_rule
+    service_id = (request.view_args or {}).get("service_id")
+    service = "-" if service_id is None else (service_id if service_id in SERVICES else "unknown")
+    if rule is None:
+        return ("unknown" if request.path.startswith("/cds-services/") else "-"), "unmatched"
+    return service, (request.endpoint or "unmatched").rsplit(".", 1)[-1]
+
+
 def _instrument(app: Flask) -> None:
-    """Count and time every CDS Hooks request by service, endpoint and status."""
+    """Count and time every CDS Hooks request by known service, endpoint and status."""
 
     @app.before_request
     def start_timer() -> None:
@@ -169,13 +240,29 @@ def _instrument(app: Flask) -> None:
     @app.after_request
     def observe(response):
         if request.path.startswith("/cds-services") and request.method != "OPTIONS":
-            parts = request.path.strip("/").split("/")
-            service = parts[1] if len(parts) > 1 else "-"
-            endpoint = "discovery" if len(parts) == 1 else ("feedback" if parts[-1] == "feedback" and len(parts) == 3 else "invoke")
+            service, endpoint = request_labels()
             labels = (service, endpoint, str(response.status_code))
             metrics.REQUESTS.labels(*labels).inc()
             metrics.LATENCY.labels(*labels).observe(time.perf_counter() - g.get("started", time.perf_counter()))
         return response
+
+    if app.config["ACCESS_LOG"]:
+
+        @app.after_request
+        def access_log(response):
+            # Chosen fields only: no query string (it may name a patient), no body, no header.
+            service, _ = request_labels()
+            rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
+            _access.info(
+                "request",
+                extra={
+                    "event": "access", "method": request.method, "route": rule, "service": service,
+                    "status": response.status_code,
+                    "ms": round((time.perf_counter() - g.get("started", time.perf_counter())) * 1000, 1),
+                    "client": request.remote_addr,
+                },
+            )
+            return response
 
 
 def _register_error_handlers(app: Flask) -> None:

@@ -19,13 +19,18 @@ SETTINGS: dict[str, tuple[str, object]] = {
     "FHIR_TIMEOUT": ("CDS_FHIR_TIMEOUT", 5.0),
     "FHIR_BUDGET": ("CDS_FHIR_BUDGET", 10.0),
     "FHIR_MAX_PAGES": ("CDS_FHIR_MAX_PAGES", 10),
+    "FHIR_MAX_BYTES": ("CDS_FHIR_MAX_BYTES", 32 * 1024 * 1024),
+    "FHIR_SERVERS": ("CDS_FHIR_SERVERS", ""),
     "PREFETCH_COUNT": ("CDS_PREFETCH_COUNT", 100),
+    "FEEDBACK_MAX_ITEMS": ("CDS_FEEDBACK_MAX_ITEMS", 100),
     "AUTH": ("CDS_AUTH", "enabled"),
     "TRUSTED_ISSUERS": ("CDS_TRUSTED_ISSUERS", ""),
+    "MAX_TOKEN_LIFETIME": ("CDS_MAX_TOKEN_LIFETIME", 300.0),
     "DATABASE_URL": ("CDS_DATABASE_URL", f"sqlite:///{Path.cwd() / 'data' / 'calcinosis-cds.db'}"),
     "CORS_ORIGINS": ("CDS_CORS_ORIGINS", "*"),
     "NOW": ("CDS_NOW", ""),
     "LOG_LEVEL": ("CDS_LOG_LEVEL", "INFO"),
+    "ACCESS_LOG": ("CDS_ACCESS_LOG", True),
 }
 
 

@@ -15,6 +15,9 @@ CARDS = Counter("cds_cards_total", "Cards returned", ["rule", "indicator"])
 FHIR_CALLS = Counter("cds_fhir_fallback_calls_total", "HTTP calls made to EHR FHIR servers for missing prefetch")
 FHIR_FAILURES = Counter("cds_fhir_fallback_failures_total", "Prefetch keys the FHIR server could not supply", ["key"])
 RULE_RELOADS = Counter("cds_rule_reloads_total", "Rule set reload attempts", ["result"])
+CARD_RECORD_FAILURES = Counter(
+    "cds_card_record_failures_total", "Hook answers whose issued cards could not be recorded (the cards were still answered)"
+)
 INVALID_RESOURCES = Counter("cds_invalid_resources_total", "FHIR resources skipped as invalid")
 
 

@@ -39,6 +39,8 @@ def status() -> Response:
     return json_response({
         "rules": ext.rules.status(),
         "auth": "disabled" if ext.auth_disabled else "enabled",
+        # "any": some caller may name any fhirServer, and the service would fetch from it.
+        "fhir_servers": "any" if ext.fhir_servers_unrestricted else "allow-listed",
         "clock": "pinned to " + current_app.config["NOW"] if current_app.config.get("NOW") else "real",
     })
 

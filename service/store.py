@@ -359,9 +359,9 @@ class Store:
     ) -> list[StoredFeedback]:
         """Store each item in its own row; feedback on cards we never issued is kept and flagged."""
         received = _utc_text(received_at)
-        stored: list[StoredFeedback] = []
-        with self._write() as cursor:
-            rule_by_card: dict[str, str | None] = {}
+        # Card lookups run before the write transaction, so the write lock is held for the inserts only.
+        rule_by_card: dict[str, str | None] = {}
+        with self._read() as cursor:
             for card in dict.fromkeys(item.card for item in items):
                 # Matching on service_id too: a card from another service is not "known" here.
                 cursor.execute(
@@ -370,30 +370,31 @@ class Store:
                 )
                 row = cursor.fetchone()
                 rule_by_card[card] = row[0] if row else None
-            for item in items:
-                rule_id = rule_by_card[item.card]
-                feedback_id = str(uuid.uuid4())
-                cursor.execute(
-                    self._sql(_INSERT_FEEDBACK),
-                    (
-                        feedback_id, service_id, item.card, rule_id, int(rule_id is not None),
-                        item.outcome, json.dumps(list(item.accepted_suggestions)),
-                        item.override_reason_code, item.override_reason_system,
-                        item.override_reason_display, int(bool(item.user_comment)),
-                        _utc_text(item.outcome_timestamp), received,
-                    ),
+        stored: list[StoredFeedback] = []
+        rows = []
+        for item in items:
+            rule_id = rule_by_card[item.card]
+            feedback_id = str(uuid.uuid4())
+            rows.append((
+                feedback_id, service_id, item.card, rule_id, int(rule_id is not None),
+                item.outcome, json.dumps(list(item.accepted_suggestions)),
+                item.override_reason_code, item.override_reason_system,
+                item.override_reason_display, int(bool(item.user_comment)),
+                _utc_text(item.outcome_timestamp), received,
+            ))
+            stored.append(
+                StoredFeedback(
+                    feedback_id=feedback_id,
+                    card=item.card,
+                    outcome=item.outcome,
+                    rule_id=rule_id,
+                    known_card=rule_id is not None,
+                    outcome_timestamp=item.outcome_timestamp,
+                    received_at=received_at,
                 )
-                stored.append(
-                    StoredFeedback(
-                        feedback_id=feedback_id,
-                        card=item.card,
-                        outcome=item.outcome,
-                        rule_id=rule_id,
-                        known_card=rule_id is not None,
-                        outcome_timestamp=item.outcome_timestamp,
-                        received_at=received_at,
-                    )
-                )
+            )
+        with self._write() as cursor:
+            cursor.executemany(self._sql(_INSERT_FEEDBACK), rows)
         return stored
 
     def check_and_store_jti(self, iss: str, jti: str, expires_at: float) -> bool:

@@ -11,7 +11,7 @@ from .conftest import FIXTURES, RULES
 
 _RULESET = load_ruleset(RULES)
 TEMPLATES = prefetch_templates(_RULESET)
-FHIR_SERVER = "https://ehr.example.org/fhir"
+FHIR_SERVER = "http://127.0.0.1:8/fhir"  # mocked with `responses`: loopback-looking, never a real host
 
 
 def scenario(name: str):

@@ -27,9 +27,12 @@ import jwt
 import requests
 import yaml
 
+from service.bounded_http import DownloadFailed, bounded_get, bounded_session, parse_origin
+
 __all__ = [
     "ALGORITHM_NOT_ALLOWED",
     "DEFAULT_ALGORITHMS",
+    "DEFAULT_MAX_LIFETIME",
     "ERROR_CODES",
     "INVALID_AUDIENCE",
     "INVALID_CLAIMS",
@@ -82,14 +85,17 @@ _ASYMMETRIC_ALGORITHMS = frozenset({
     "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
 })
 _REQUIRED_CLAIMS = ("iss", "aud", "exp", "iat", "jti")
+# CDS Hooks 2.0: exp is "5 minutes in the future" of the token's issue.
+DEFAULT_MAX_LIFETIME = 300.0
 # An unknown kid may mean key rotation, but forged kids must not turn us into a fetch amplifier.
 ROTATION_REFETCH_INTERVAL = 10.0
-# Bounds on attacker-supplied input and on what an allow-listed URL may make us read.
+# Bounds on attacker-supplied input and on what an allow-listed URL may make us read
+# (counted after decompression, within the JWKS time budget).
 _MAX_TOKEN_CHARS = 16_384
 _MAX_JWKS_BYTES = 512 * 1024
 # The signature part may be empty so that alg=none tokens get the precise error code.
 _COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
-_ISSUER_FIELDS = ("jwks_url", "jwks", "jku")
+_ISSUER_FIELDS = ("jwks_url", "jwks", "jku", "fhir_servers")
 
 
 class ConfigurationError(Exception):
@@ -116,13 +122,22 @@ class TrustedIssuer:
     jwks_url: str | None = None
     jwks: Mapping[str, Any] | None = None
     jku: tuple[str, ...] = ()
+    # Origins this client's fhirServer may name; None means any (warned about at start-up).
+    fhir_servers: tuple[str, ...] | None = None
 
 
 class TrustedIssuers:
     """The allow-list of ``iss`` values, each with its key source and allowed ``jku`` URLs."""
 
     def __init__(self, issuers: Iterable[TrustedIssuer]) -> None:
-        self._by_iss = {issuer.iss: issuer for issuer in issuers}
+        self._by_iss = {}
+        for issuer in issuers:
+            key = _issuer_key(issuer.iss)
+            if key in self._by_iss:
+                raise ConfigurationError(
+                    f"issuers {self._by_iss[key].iss!r} and {issuer.iss!r} differ only by a trailing slash"
+                )
+            self._by_iss[key] = issuer
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> TrustedIssuers:
@@ -151,17 +166,22 @@ class TrustedIssuers:
         return cls(_parse_issuer(iss, entry, source) for iss, entry in data.items())
 
     def get(self, iss: str) -> TrustedIssuer | None:
-        """Return the settings for ``iss``, or None if it is not trusted."""
-        return self._by_iss.get(iss)
+        """Return the settings for ``iss`` (with or without a trailing slash), or None if it is not trusted."""
+        return self._by_iss.get(_issuer_key(iss))
 
     def __contains__(self, iss: object) -> bool:
-        return iss in self._by_iss
+        return isinstance(iss, str) and _issuer_key(iss) in self._by_iss
 
     def __iter__(self) -> Iterator[TrustedIssuer]:
         return iter(self._by_iss.values())
 
     def __len__(self) -> int:
         return len(self._by_iss)
+
+
+def _issuer_key(iss: str) -> str:
+    """Issuers are compared without one trailing slash: clients differ on whether they send it."""
+    return iss[:-1] if iss.endswith("/") else iss
 
 
 def _parse_issuer(iss: Any, entry: Any, source: str) -> TrustedIssuer:
@@ -189,7 +209,15 @@ def _parse_issuer(iss: Any, entry: Any, source: str) -> TrustedIssuer:
         raise fail("no key source: set jwks_url, an inline jwks, or a jku allow-list")
     if jwks is not None:
         _check_inline_jwks(jwks, fail)
-    return TrustedIssuer(iss=iss, jwks_url=jwks_url, jwks=jwks, jku=tuple(jku))
+    fhir_servers = entry.get("fhir_servers")
+    if fhir_servers is not None:
+        if not isinstance(fhir_servers, list) or not fhir_servers:
+            raise fail("fhir_servers must be a non-empty list of origins (scheme://host[:port])")
+        try:
+            fhir_servers = tuple(parse_origin(item) for item in fhir_servers)
+        except ValueError as exc:
+            raise fail(f"fhir_servers: {exc}") from None
+    return TrustedIssuer(iss=iss, jwks_url=jwks_url, jwks=jwks, jku=tuple(jku), fhir_servers=fhir_servers)
 
 
 def _check_inline_jwks(jwks: Any, fail: Callable[[str], ConfigurationError]) -> None:
@@ -283,7 +311,9 @@ class ClientAuthenticator:
         replay_cache: ReplayCache | None = None,
         jwks_cache_seconds: float = 300,
         http_timeout: float | tuple[float, float] = (2, 5),
+        jwks_budget: float = 6.0,
         algorithms: Sequence[str] = DEFAULT_ALGORITHMS,
+        max_lifetime: float = DEFAULT_MAX_LIFETIME,
     ) -> None:
         refused = [alg for alg in algorithms if alg not in _ASYMMETRIC_ALGORITHMS]
         if refused or not algorithms:
@@ -293,14 +323,22 @@ class ClientAuthenticator:
             )
         if leeway < 0 or jwks_cache_seconds < 0:
             raise ConfigurationError("leeway and jwks_cache_seconds must not be negative")
+        if not max_lifetime > 0:
+            raise ConfigurationError("max_lifetime must be positive")
         self._issuers = issuers
-        self._session = session if session is not None else requests.Session()
+        self.issuers = issuers
+        self._session = session if session is not None else bounded_session()
         self._clock = clock
         self._leeway = float(leeway)
         self._replay = replay_cache if replay_cache is not None else MemoryReplayCache(clock=clock)
         self._jwks_ttl = float(jwks_cache_seconds)
-        self._http_timeout = http_timeout
+        # A JWKS fetch ends within jwks_budget seconds all told, and no single wait exceeds the read timeout.
+        self._connect_timeout, self._read_timeout = (
+            http_timeout if isinstance(http_timeout, tuple) else (http_timeout, http_timeout)
+        )
+        self._jwks_budget = float(jwks_budget)
         self._algorithms = tuple(algorithms)
+        self._max_lifetime = float(max_lifetime)
         # Only allow-listed URLs (jwks_url or an allowed jku) ever get an entry, so this stays small.
         self._jwks: dict[str, _JwksEntry] = {}
         self._jwks_lock = threading.Lock()
@@ -419,6 +457,12 @@ class ClientAuthenticator:
                 TOKEN_NOT_YET_VALID,
                 f"iat {claims['iat']} is {claims['iat'] - now:.0f}s in the future (leeway {leeway:g}s)",
             )
+        # A long-lived token is a long-lived credential, and its jti would be kept for as long.
+        if claims["exp"] - claims["iat"] > self._max_lifetime:
+            raise AuthenticationError(
+                INVALID_CLAIMS,
+                f"exp is {claims['exp'] - claims['iat']:.0f}s after iat; at most {self._max_lifetime:g}s is accepted",
+            )
         if "nbf" in claims and claims["nbf"] > now + leeway:
             raise AuthenticationError(
                 TOKEN_NOT_YET_VALID,
@@ -426,7 +470,14 @@ class ClientAuthenticator:
             )
 
     def _find_key(self, issuer: TrustedIssuer, kid: str, jku: str | None) -> dict[str, Any]:
-        """Return the JWK for ``kid`` from the jku (if allowed), the jwks_url or the inline set."""
+        """Return the JWK for ``kid``: the inline set first, else the jku (if allowed), else the jwks_url.
+
+        A key pinned inline verifies the token whatever its jku header says: clients such as the
+        CDS Hooks Sandbox always send a jku, and an operator who pinned the key needs no fetch.
+        """
+        inline = (_index_jwks(issuer.jwks) or {}) if issuer.jwks is not None else {}
+        if kid in inline:
+            return inline[kid]
         if jku is not None:
             # Fetching an arbitrary jku would let anyone supply their own keys (and make us fetch any URL).
             if jku not in issuer.jku:
@@ -437,9 +488,6 @@ class ClientAuthenticator:
         if issuer.jwks_url is not None:
             return self._remote_key(issuer.jwks_url, kid)
         if issuer.jwks is not None:
-            keys = _index_jwks(issuer.jwks) or {}
-            if kid in keys:
-                return keys[kid]
             raise AuthenticationError(
                 UNKNOWN_KEY, f"kid {_show(kid)} is not in the configured JWKS of iss {_show(issuer.iss)}"
             )
@@ -482,38 +530,24 @@ class ClientAuthenticator:
         """GET a JWK Set and index its signing keys by kid; any failure is jwks_unavailable."""
         try:
             # No redirects: the allow-listed URL is the one we trust, not wherever it points.
-            with self._session.get(
-                url,
-                timeout=self._http_timeout,
-                allow_redirects=False,
-                stream=True,
-                headers={"Accept": "application/json"},
-            ) as response:
-                if response.status_code != 200:
-                    raise AuthenticationError(JWKS_UNAVAILABLE, f"GET {url} returned HTTP {response.status_code}")
-                body = _read_limited(response, url)
-        except requests.RequestException as exc:
-            raise AuthenticationError(JWKS_UNAVAILABLE, f"GET {url} failed: {type(exc).__name__}: {exc}") from None
+            response = bounded_get(
+                self._session, url, headers={"Accept": "application/json"},
+                deadline=time.monotonic() + self._jwks_budget, read_timeout=self._read_timeout,
+                connect_timeout=self._connect_timeout, max_bytes=_MAX_JWKS_BYTES,
+            )
+        except DownloadFailed as exc:
+            raise AuthenticationError(JWKS_UNAVAILABLE, f"GET {url} failed: {exc.kind}: {exc.detail}") from None
+        if response.status_code != 200:
+            raise AuthenticationError(JWKS_UNAVAILABLE, f"GET {url} returned HTTP {response.status_code}")
         try:
-            document = json.loads(body)
-        except ValueError as exc:
-            raise AuthenticationError(JWKS_UNAVAILABLE, f"GET {url} did not return JSON: {exc}") from None
+            document = json.loads(response.body)
+        except (ValueError, RecursionError) as exc:
+            raise AuthenticationError(JWKS_UNAVAILABLE, f"GET {url} did not return JSON: {type(exc).__name__}") from None
         keys = _index_jwks(document)
         if keys is None:
             raise AuthenticationError(JWKS_UNAVAILABLE, f'GET {url} did not return a JWK Set ({{"keys": [...]}})')
         log.info("fetched JWKS from %s: %d signing key(s)", url, len(keys))
         return keys
-
-
-def _read_limited(response: requests.Response, url: str) -> bytes:
-    """Read the body, refusing anything larger than a JWK Set plausibly is."""
-    chunks, size = [], 0
-    for chunk in response.iter_content(chunk_size=64 * 1024):
-        size += len(chunk)
-        if size > _MAX_JWKS_BYTES:
-            raise AuthenticationError(JWKS_UNAVAILABLE, f"GET {url} returned more than {_MAX_JWKS_BYTES} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _index_jwks(document: Any) -> dict[str, dict[str, Any]] | None:

@@ -7,10 +7,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
 
-__all__ = ["FeedbackError", "FeedbackItem", "parse_feedback", "OUTCOMES"]
+__all__ = ["FeedbackError", "FeedbackItem", "parse_feedback", "MAX_ITEMS", "OUTCOMES"]
 
 Outcome = Literal["accepted", "overridden"]
 OUTCOMES: tuple[str, ...] = ("accepted", "overridden")
+# One post is one clinician's session: a few cards. A cap keeps each store transaction short.
+MAX_ITEMS = 100
 
 # RFC 3339 section 5.6 date-time.  Parsed by hand because datetime.fromisoformat
 # accepts many non-RFC forms (no seconds, week dates, space separator, no offset).
@@ -28,8 +30,9 @@ _MISSING: Any = object()
 class FeedbackError(ValueError):
     """A feedback request body that does not follow CDS Hooks 2.0."""
 
-    def __init__(self, message: str, index: int | None = None, field: str | None = None):
+    def __init__(self, message: str, index: int | None = None, field: str | None = None, code: str = "invalid_feedback"):
         self.message = message
+        self.code = code
         self.index = index
         self.field = field
         super().__init__(f"{self.location}: {message}")
@@ -199,8 +202,8 @@ def _parse_item(item: object, index: int) -> FeedbackItem:
     )
 
 
-def parse_feedback(body: object) -> list[FeedbackItem]:
-    """Validate a decoded feedback request body and return its items."""
+def parse_feedback(body: object, max_items: int = MAX_ITEMS) -> list[FeedbackItem]:
+    """Validate a decoded feedback request body and return its items (at most `max_items`)."""
     if not isinstance(body, dict):
         raise FeedbackError(f"expected a JSON object with a 'feedback' array, got {_describe(body)}")
     items = body.get("feedback", _MISSING)
@@ -208,4 +211,9 @@ def parse_feedback(body: object) -> list[FeedbackItem]:
         raise FeedbackError(f"expected an array, got {_describe(items)}", field="feedback")
     if not items:
         raise FeedbackError("expected at least one feedback item, got an empty array", field="feedback")
+    if len(items) > max_items:
+        raise FeedbackError(
+            f"at most {max_items} items per post, got {len(items)}; send the rest in further posts",
+            field="feedback", code="too_many_items",
+        )
     return [_parse_item(item, index) for index, item in enumerate(items)]

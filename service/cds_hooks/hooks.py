@@ -30,6 +30,7 @@ class Outcome:
 def answer(service: CdsService, body: object, ext) -> Outcome:
     """Evaluate the loaded rules for the patient in a hook request."""
     hook_request = parse_hook_request(body, service.hook)
+    ext.check_fhir_server(hook_request.fhir_server)
     ruleset = ext.rules.current  # one rule set for the whole call, even if a reload lands meanwhile
     log_context = {"hookInstance": hook_request.hook_instance, "service": service.id}
     templates = prefetch_templates(ruleset, ext.config["PREFETCH_COUNT"], service.hook)

@@ -40,6 +40,7 @@ class FetchSettings:
     timeout: float
     max_pages: int
     budget: float
+    max_bytes: int = 32 * 1024 * 1024
 
 
 def resolve(request: HookRequest, templates: dict[str, str], settings: FetchSettings, log_context: dict) -> Resolved:
@@ -68,7 +69,7 @@ def resolve(request: HookRequest, templates: dict[str, str], settings: FetchSett
     elif to_fetch:
         client = FhirClient(
             request.fhir_server, request.access_token, session=settings.session, timeout=settings.timeout,
-            max_pages=settings.max_pages, budget=settings.budget, log_context=log_context,
+            max_pages=settings.max_pages, budget=settings.budget, max_bytes=settings.max_bytes, log_context=log_context,
         )
 
         def fetch(key: str) -> tuple[str, list[dict] | None, str | None, bool]:
@@ -85,8 +86,12 @@ def resolve(request: HookRequest, templates: dict[str, str], settings: FetchSett
                 result = client.search(query)
                 return key, result.resources, None, result.complete
             except FhirUnavailable as exc:
-                log.warning("FHIR fallback failed", extra={"event": "fhir_fallback_failed", "key": key, "reason": exc.reason, **log_context})
-                return key, None, f"{reason}; {exc.reason}", False
+                log.warning(
+                    "FHIR fallback failed",
+                    extra={"event": "fhir_fallback_failed", "key": key, "category": exc.category, "reason": exc.reason, **log_context},
+                )
+                # Only the category reaches the client: the detail would make this service a port scanner.
+                return key, None, f"{reason}; FHIR server: {exc.category}", False
 
         with ThreadPoolExecutor(max_workers=len(to_fetch)) as pool:
             for key, resources, problem, complete in pool.map(fetch, to_fetch):

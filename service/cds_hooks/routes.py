@@ -12,7 +12,7 @@ import msgspec
 import orjson
 from flask import Blueprint, Response, current_app, request
 
-from service.errors import BadRequest, NotFound
+from service.errors import BadRequest, NotFound, PayloadTooLarge
 from service.patient.lazy import decode_hook_body
 
 from . import hooks
@@ -35,17 +35,23 @@ def read_json(*, lazy_prefetch: bool = False) -> object:
     (service.patient.lazy): the cost of a large chart is then mostly bytes, not objects.
     """
     data = request.get_data(cache=False)
+    limit = current_app.config.get("MAX_CONTENT_LENGTH")
+    # A chunked body has no Content-Length to refuse up front, and Werkzeug stops reading it at
+    # the limit without a word: a body cut there could still parse. More bytes waiting means 413.
+    if limit is not None and len(data) >= limit and request.content_length is None and request.environ["wsgi.input"].read(1):
+        raise PayloadTooLarge(f"the request body is larger than the configured maximum of {limit} bytes")
     if not data:
         raise BadRequest("the request body is empty; expected a JSON object", code="malformed_json")
-    if lazy_prefetch:
-        try:
-            return decode_hook_body(data)
-        except msgspec.DecodeError as exc:
-            raise BadRequest(f"the request body is not valid JSON: {exc}", code="malformed_json") from None
     try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
+        return decode_hook_body(data) if lazy_prefetch else orjson.loads(data)
+    except (msgspec.DecodeError, orjson.JSONDecodeError) as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}", code="malformed_json") from None
+    except msgspec.ValidationError as exc:  # valid JSON syntax, but e.g. 1e999 where no resource holds it
+        raise BadRequest(f"the request body holds a number out of range: {exc}", code="malformed_json") from None
+    except RecursionError:
+        raise BadRequest(
+            "the request body is nested too deeply to read (FHIR resources need a few dozen levels)", code="malformed_json"
+        ) from None
 
 
 def service_or_404(service_id: str):
@@ -116,10 +122,10 @@ def feedback(service_id: str) -> Response:
     ext = current_app.extensions["calcinosis"]
     ext.authenticate(request, service_id)
     try:
-        items = parse_feedback(read_json())
+        items = parse_feedback(read_json(), max_items=current_app.config["FEEDBACK_MAX_ITEMS"])
     except FeedbackError as exc:
         details = {k: v for k, v in (("index", exc.index), ("field", exc.field)) if v is not None}
-        raise BadRequest(str(exc), code="invalid_feedback", **details) from None
+        raise BadRequest(str(exc), code=exc.code, **details) from None
     stored = ext.store.add_feedback(service_id, items, ext.now())
     unknown = [s.card for s in stored if not s.known_card]
     log.info(

@@ -65,6 +65,10 @@ _HEAD = msgspec.json.Decoder(Head)
 _ANY = msgspec.json.Decoder()
 
 
+class UnreadableJson(ValueError):
+    """JSON that is well-formed but cannot be held as Python values (a number out of range, nesting too deep)."""
+
+
 class RawResource:
     """One resource as the JSON bytes it arrived in; decoded on demand, once."""
 
@@ -79,14 +83,22 @@ class RawResource:
         return _HEAD.decode(self.raw)
 
     def decode(self) -> Any:
-        """The whole resource as Python objects."""
+        """The whole resource as Python objects; UnreadableJson if a number is out of range (1e999)."""
         if self._decoded is None:
-            self._decoded = _ANY.decode(self.raw)
+            try:
+                self._decoded = _ANY.decode(self.raw)
+            except (msgspec.ValidationError, RecursionError) as exc:
+                raise UnreadableJson(f"unreadable JSON: {type(exc).__name__}: {str(exc).split(' - at ')[0]}") from None
         return self._decoded
 
 
 def decode_hook_body(data: bytes) -> Any:
-    """Decode a hook request, keeping prefetch Bundle entries raw; raises msgspec.DecodeError if malformed."""
+    """Decode a hook request, keeping prefetch Bundle entries raw.
+
+    Raises msgspec.DecodeError if malformed, msgspec.ValidationError for a number out of range
+    outside a Bundle entry, and RecursionError for nesting deeper than the decoder allows; a
+    Bundle entry holding such a number decodes to UnreadableJson only when it is read.
+    """
     try:
         top = _OBJECT.decode(data)
     except msgspec.ValidationError:  # valid JSON, but not an object: let request checks say so

@@ -18,7 +18,7 @@ from service.engine.valuesets import CodeIndex
 import msgspec
 
 from .dates import parse_date, parse_datetime
-from .lazy import Coding, Concept, Head, RawResource
+from .lazy import Coding, Concept, Head, RawResource, UnreadableJson
 from .validation import validation_error
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,11 @@ class PatientRecord:
         A Condition or Procedure whose code still matches a value set is indexed as unreadable,
         so the fact it would decide becomes unknown instead of absent.
         """
-        full = resource.decode() if isinstance(resource, RawResource) else resource
+        try:
+            full = resource.decode() if isinstance(resource, RawResource) else resource
+        except UnreadableJson as exc:
+            self._invalid("Resource", "(unreadable)", str(exc))
+            return
         kind = full.get("resourceType") if isinstance(full, dict) else None
         if kind not in INDEXED_TYPES:
             return
@@ -236,7 +240,10 @@ class PatientRecord:
         if self.patient_id and rid != self.patient_id:
             self.other_patient += 1
             return
-        self._patient_raw = resource.decode() if isinstance(resource, RawResource) else resource
+        try:
+            self._patient_raw = resource.decode() if isinstance(resource, RawResource) else resource
+        except UnreadableJson as exc:
+            self._invalid("Patient", rid, str(exc))
 
     def add_orders(self, orders: Iterable[OrderEntry]) -> None:
         """Index the draft orders in scope (from an order hook's context) by value set."""
@@ -262,7 +269,10 @@ class PatientRecord:
         return InvalidResource(kind, rid, problem)
 
     def _validate(self, source: dict | RawResource, kind: str, rid: str) -> dict:
-        resource = source.decode() if isinstance(source, RawResource) else source
+        try:
+            resource = source.decode() if isinstance(source, RawResource) else source
+        except UnreadableJson as exc:
+            raise self._invalid(kind, rid, str(exc)) from None
         problem = validation_error(resource)
         if problem:
             raise self._invalid(kind, rid, problem)
@@ -289,13 +299,17 @@ class PatientRecord:
         unit = code if code and quantity.get("system") in (None, UCUM) else text
         high = next((r["high"] for r in resource.get("referenceRange") or () if isinstance(r, dict) and r.get("high")), None) or {}
         high_unit = high.get("code") if high.get("code") and high.get("system") in (None, UCUM) else high.get("unit")
+        try:
+            value, reference_high = _number(quantity.get("value")), _number(high.get("value"))
+        except OverflowError:  # a 400-digit integer is valid JSON and a valid FHIR decimal, but no lab value
+            raise self._invalid("Observation", rid, "a value is too large to be a number") from None
         return Reading(
-            value=_number(quantity.get("value")),
+            value=value,
             comparator=quantity.get("comparator"),
             unit=unit,
             unit_text=text or code,
             data_absent=_coded_text(absent) if absent else None,
-            reference_high=_number(high.get("value")),
+            reference_high=reference_high,
             reference_high_unit=high_unit,
         )
 

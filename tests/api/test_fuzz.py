@@ -350,7 +350,7 @@ FUZZ_FINDINGS = {
     "prefetch Bundle.link not an array": ("/cds-services/calcinosis-risk", _hook_call(prefetch=_observations(link=5))),
     # service/patient/fhir_client.py continue_search: urljoin(base, 5)
     "prefetch Bundle next link url not a string": ("/cds-services/calcinosis-risk", _hook_call(
-        fhirServer="https://ehr.example.org/fhir", prefetch=_observations(link=[{"relation": "next", "url": 5}]))),
+        fhirServer="http://127.0.0.1:8/fhir", prefetch=_observations(link=[{"relation": "next", "url": 5}]))),
     # service/cds_hooks/feedback.py _parse_timestamp: astimezone(UTC) overflows past year 9999
     "feedback outcomeTimestamp past 9999 in UTC": ("/cds-services/calcinosis-risk/feedback", {"feedback": [
         {"card": "c", "outcome": "overridden", "outcomeTimestamp": "9999-12-31T23:59:59-23:59"}]}),

@@ -182,7 +182,7 @@ def test_unreachable_fhir_server_is_412_with_the_reason(app):
     responses.add(responses.GET, __import__("re").compile(FHIR_SERVER + ".*"), status=503)
     response = app.test_client().post(URL, json=request_without_prefetch("esrd-dialysis-high-product.json"))
     assert response.status_code == 412
-    assert all("HTTP 503" in m["reason"] for m in response.json["error"]["missing"])
+    assert all(m["reason"].endswith("FHIR server: http_error") for m in response.json["error"]["missing"])
 
 
 def test_malformed_json_is_400(client):

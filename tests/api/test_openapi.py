@@ -214,7 +214,7 @@ def test_invocation_answered_from_the_fhir_server_conforms(openapi, tmp_path):
     client = app.test_client()
     body = hook_request(app, "esrd-dialysis-high-product.json")
     body.pop("prefetch")
-    body["fhirServer"] = "https://ehr.example.org/fhir"
+    body["fhirServer"] = "http://127.0.0.1:8/fhir"
     body["fhirAuthorization"] = {
         "access_token": "opaque", "token_type": "Bearer", "expires_in": 300, "scope": "user/*.read", "subject": "calcinosis-cds",
     }
@@ -255,7 +255,7 @@ def test_hook_mismatch_is_a_documented_400(openapi, shared_app, shared_client):
     "change, field",
     [
         (lambda b: b["context"].pop("patientId"), "context.patientId"),
-        (lambda b: b.update(fhirServer="ftp://ehr.example.org"), "fhirServer"),
+        (lambda b: b.update(fhirServer="ftp://127.0.0.1/fhir"), "fhirServer"),
         (lambda b: b["prefetch"].update(patient=[1, 2]), "prefetch.patient"),
         (lambda b: b.update(context="pt-1"), "context"),
     ],
@@ -293,7 +293,7 @@ def test_unreachable_fhir_server_is_a_documented_412(openapi, tmp_path):
     client = app.test_client()
     body = hook_request(app, "esrd-dialysis-high-product.json")
     del body["prefetch"]["observations"]
-    body["fhirServer"] = "https://ehr.example.org/fhir"
+    body["fhirServer"] = "http://127.0.0.1:8/fhir"
     response = post(client, URL, body)
     assert response.status_code == 412
     assert [m["key"] for m in response.json["error"]["missing"]] == ["observations"]
@@ -306,6 +306,22 @@ def test_body_over_the_configured_maximum_is_a_documented_413(openapi, tmp_path)
     response = post(client, URL, body)
     assert response.status_code == 413
     assert response.json["error"]["code"] == "payload_too_large"
+    conforms(openapi, response)
+
+
+def test_an_untrusted_fhir_server_is_a_documented_400(openapi, tmp_path):
+    app = make_app(tmp_path, FHIR_SERVERS="http://127.0.0.1:9")
+    body = hook_request(app, "esrd-dialysis-high-product.json")
+    body["fhirServer"] = "http://127.0.0.1:8/fhir"
+    response = post(app.test_client(), URL, body)
+    assert response.status_code == 400 and response.json["error"]["code"] == "untrusted_fhir_server"
+    conforms(openapi, response)
+
+
+def test_too_many_feedback_items_is_a_documented_400(openapi, client):
+    item = {"card": "c", "outcome": "overridden", "outcomeTimestamp": "2026-11-01T12:00:00Z"}
+    response = post(client, FEEDBACK_URL, {"feedback": [item] * 101})
+    assert response.status_code == 400 and response.json["error"]["code"] == "too_many_items"
     conforms(openapi, response)
 
 

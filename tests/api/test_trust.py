@@ -20,7 +20,7 @@ from tests.requests_builder import request_with_prefetch
 BASE = "https://cds.example.org"
 URL = "/cds-services/calcinosis-risk"
 ISSUER = "https://ehr.example.org"
-JWKS_URL = "https://ehr.example.org/.well-known/jwks.json"
+JWKS_URL = "https://127.0.0.1:8443/.well-known/jwks.json"  # mocked with `responses`
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,8 @@ def test_bad_tokens_are_refused_with_401(secured, key, case):
     elif case == "unknown_iss":
         bad = token(key, iss="https://stranger.example.com")
     elif case == "jku_not_allowed":
-        bad = token(key, headers={"jku": "https://attacker.example.com/jwks.json"})
+        # A kid that is not pinned inline, so the key would have to come from the jku.
+        bad = token(key, kid="attacker-key", headers={"jku": "https://127.0.0.9/jwks.json"})
     elif case == "alg_none":
         bad = jwt.encode({"iss": ISSUER, "aud": BASE + URL, "exp": int(time.time()) + 300, "iat": int(time.time()), "jti": "x"}, None, algorithm="none", headers={"kid": "ehr-key-1"})
     elif case == "hmac":
@@ -262,7 +263,7 @@ def test_logs_carry_the_hook_instance_and_rules_but_never_patient_data_or_tokens
             if entry["resource"].get("valueQuantity", {}).get("value") == 10.4:
                 entry["resource"]["valueQuantity"]["value"] = 10.4321
         request["fhirAuthorization"] = {"access_token": "fhir-token-SECRET-9931", "token_type": "Bearer"}
-        request["fhirServer"] = "https://ehr.example.org/fhir"
+        request["fhirServer"] = "http://127.0.0.1:8/fhir"
         bearer = token(key)
         ok = call(app, bearer, body=request)
         assert [c["source"]["topic"]["code"] for c in ok.json["cards"]] == ["calciphylaxis-risk"]
@@ -276,3 +277,21 @@ def test_logs_carry_the_hook_instance_and_rules_but_never_patient_data_or_tokens
     # ...and none of it, nor any credential, reached the log.
     for secret in (patient_id, "fhir-token-SECRET-9931", bearer, bearer.split(".")[2], "10.4321"):
         assert secret not in logged, secret
+
+
+def test_a_seen_jti_is_kept_only_until_its_token_expires_plus_the_skew(secured, key):
+    bearer = token(key, exp_in=120)
+    assert call(secured, bearer).status_code == 200
+    exp = jwt.decode(bearer, options={"verify_signature": False})["exp"]
+    store = secured.extensions["calcinosis"].store
+    with store._read() as cursor:  # noqa: SLF001 - the row itself is what is checked
+        cursor.execute("SELECT expires_at FROM seen_jti")
+        assert [row[0] for row in cursor.fetchall()] == [exp + 30]
+
+
+def test_a_token_living_a_century_is_refused_and_leaves_no_jti_row(secured, key):
+    response = call(secured, token(key, exp_in=100 * 365 * 86400))
+    assert response.status_code == 401
+    with secured.extensions["calcinosis"].store._read() as cursor:  # noqa: SLF001
+        cursor.execute("SELECT COUNT(*) FROM seen_jti")
+        assert cursor.fetchone()[0] == 0

@@ -47,23 +47,30 @@ def only_observations_fail(mock, **failure):
 
 
 @pytest.mark.parametrize(
-    "failure, reason",
+    "failure, category, detail",
     [
-        (dict(status=500), "HTTP 500"),
-        (dict(status=401), "refused access (HTTP 401)"),
-        (dict(body=b"<html>gateway error</html>", status=200), "not JSON"),
-        (dict(json={"resourceType": "OperationOutcome", "issue": []}), "OperationOutcome"),
-        (dict(body=__import__("requests").ConnectionError("refused")), "unreachable"),
+        (dict(status=500), "http_error", "HTTP 500"),
+        (dict(status=401), "http_error", "HTTP 401"),
+        (dict(status=404), "http_error", "search answered HTTP 404"),
+        (dict(body=b"<html>gateway error</html>", status=200), "invalid_response", "not JSON"),
+        (dict(json={"resourceType": "OperationOutcome", "issue": []}), "invalid_response", "OperationOutcome"),
+        (dict(body=__import__("requests").ConnectionError("refused")), "unreachable", "ConnectionError"),
     ],
 )
 @responses.activate
-def test_a_failing_observation_search_is_412_naming_the_key_and_reason(app, log_lines, failure, reason):
+def test_a_failing_observation_search_is_412_naming_the_key_and_only_a_category(app, log_lines, failure, category, detail):
     only_observations_fail(responses.mock, **failure)
     response = app.test_client().post(URL, json=request_without_prefetch(NAME))
     assert response.status_code == 412
     (missing,) = response.json["error"]["missing"]
-    assert missing["key"] == "observations" and reason in missing["reason"]
-    assert any(line.get("event") == "fhir_fallback_failed" and line.get("key") == "observations" for line in log_lines())
+    assert missing["key"] == "observations" and missing["reason"] == f"not in prefetch; FHIR server: {category}"
+    # The detail is for operators: in the log, never in the answer.
+    assert detail not in response.get_data(as_text=True)
+    assert any(
+        line.get("event") == "fhir_fallback_failed" and line.get("key") == "observations"
+        and line["category"] == category and detail in line["reason"]
+        for line in log_lines()
+    )
 
 
 @responses.activate
@@ -96,11 +103,11 @@ def test_paging_stops_at_the_bound_and_says_the_data_is_incomplete(tmp_path):
 @responses.activate
 def test_a_next_link_to_another_host_is_not_followed_with_the_token(app):
     observations = [r for r in scenario(NAME).resources if r["resourceType"] == "Observation"]
-    only_observations_fail(responses.mock, json=searchset(observations, "https://elsewhere.example.com/Observation?page=2"))
+    only_observations_fail(responses.mock, json=searchset(observations, "http://127.0.0.2:8/fhir/Observation?page=2"))
     response = app.test_client().post(URL, json=request_without_prefetch(NAME))
     assert response.status_code == 412
-    assert "another host" in response.json["error"]["missing"][0]["reason"]
-    assert not any("elsewhere.example.com" in c.request.url for c in responses.calls)
+    assert response.json["error"]["missing"][0]["reason"] == "not in prefetch; FHIR server: invalid_response"
+    assert not any("127.0.0.2" in c.request.url for c in responses.calls)
 
 
 class _SlowFhirServer(http.server.BaseHTTPRequestHandler):
@@ -141,6 +148,6 @@ def test_a_slow_fhir_server_times_out_within_the_budget_as_412(tmp_path, slow_se
     response = app.test_client().post(URL, json=request)
     elapsed = time.monotonic() - started
     assert response.status_code == 412
-    assert all("did not answer within" in m["reason"] for m in response.json["error"]["missing"])
+    assert all(m["reason"].endswith("FHIR server: timeout") for m in response.json["error"]["missing"])
     assert elapsed < 1.5  # the three keys are fetched in parallel, each within the timeout
     assert sum(1 for line in log_lines() if line.get("event") == "fhir_fallback_failed") == 3

@@ -32,8 +32,9 @@ NOW = 1_700_000_000.0
 ISS = "https://ehr.example.org/"
 OTHER_ISS = "https://other-ehr.example.net/"
 AUD = "https://cds.example.org/cds-services/calciphylaxis-risk"
-JWKS_URL = "https://ehr.example.org/.well-known/jwks.json"
-JKU_URL = "https://keys.ehr.example.org/jwks.json"
+# Mocked with `responses`; loopback-looking so that no test names a real host to fetch.
+JWKS_URL = "https://127.0.0.1:8443/.well-known/jwks.json"
+JKU_URL = "https://127.0.0.2:8443/jwks.json"
 DROP = object()  # marks a claim or header to leave out of a token
 
 
@@ -234,7 +235,7 @@ def test_a_token_from_an_unlisted_issuer_is_rejected_without_fetching_keys(authe
 
 
 def test_a_jku_not_on_the_issuers_allow_list_is_rejected_without_fetching_it(authenticator, http, ec_key):
-    token = ec_key.sign(headers={"jku": "https://attacker.example.com/jwks.json"})
+    token = ec_key.sign(headers={"jku": "https://127.0.0.9/jwks.json"})
 
     assert rejection(authenticator, bearer(token), token).code == "untrusted_jku"
     assert len(http.calls) == 0
@@ -428,7 +429,7 @@ def test_a_broken_jwks_endpoint_is_reported_as_jwks_unavailable(authenticator, h
 
 
 def test_a_redirect_from_the_jwks_url_is_not_followed(authenticator, http, ec_key):
-    elsewhere = "https://attacker.example.com/jwks.json"
+    elsewhere = "https://127.0.0.9/jwks.json"
     http.assert_all_requests_are_fired = False
     http.get(JWKS_URL, status=302, headers={"Location": elsewhere})
     serve_jwks(http, ec_key, url=elsewhere)
@@ -457,6 +458,52 @@ def test_inline_jwks_verify_tokens_without_any_http_request(authenticator, http,
 
     assert claims["iss"] == OTHER_ISS
     assert len(http.calls) == 0
+
+
+def test_an_inline_key_verifies_a_token_whose_jku_is_not_allow_listed_without_fetching_it(authenticator, http, ec_key):
+    # The CDS Hooks Sandbox always sends a jku; an operator who pinned its key inline must not need it.
+    token = ec_key.sign(iss=OTHER_ISS, headers={"jku": "https://127.0.0.3/sandbox-jwks.json"})
+
+    assert authenticator.authenticate(bearer(token), AUD)["iss"] == OTHER_ISS
+    assert len(http.calls) == 0
+
+
+def test_a_jku_that_is_not_allow_listed_is_refused_when_the_kid_is_not_pinned_inline(authenticator, http, rotated_key):
+    token = rotated_key.sign(iss=OTHER_ISS, headers={"jku": "https://127.0.0.3/attacker-jwks.json"})
+
+    assert rejection(authenticator, bearer(token), token).code == "untrusted_jku"
+    assert len(http.calls) == 0
+
+
+@pytest.mark.parametrize("sent", ["https://ehr.example.org", "https://ehr.example.org/"])
+@pytest.mark.parametrize("configured", ["https://ehr.example.org", "https://ehr.example.org/"])
+def test_the_issuer_matches_with_or_without_a_trailing_slash(clock, ec_key, configured, sent):
+    authenticator = ClientAuthenticator(
+        TrustedIssuers.from_mapping({configured: {"jwks": {"keys": [ec_key.public_jwk]}}}), clock=clock
+    )
+
+    assert authenticator.authenticate(bearer(ec_key.sign(iss=sent)), AUD)["iss"] == sent
+
+
+def test_two_issuers_that_differ_only_by_a_trailing_slash_are_a_configuration_error(ec_key):
+    inline = {"jwks": {"keys": [ec_key.public_jwk]}}
+    with pytest.raises(ConfigurationError, match="trailing slash"):
+        TrustedIssuers.from_mapping({"https://ehr.example.org": inline, "https://ehr.example.org/": inline})
+
+
+def test_a_token_that_lives_longer_than_five_minutes_is_refused(authenticator, http, ec_key):
+    token = ec_key.sign(iss=OTHER_ISS, exp=int(NOW) + 100 * 365 * 86400)
+
+    error = rejection(authenticator, bearer(token), token)
+    assert error.code == "invalid_claims" and "at most 300s" in error.reason
+
+
+def test_the_token_lifetime_cap_is_configurable(issuers, clock, ec_key):
+    authenticator = ClientAuthenticator(issuers, clock=clock, max_lifetime=3600)
+
+    assert authenticator.authenticate(bearer(ec_key.sign(iss=OTHER_ISS, exp=int(NOW) + 3600)), AUD)
+    token = ec_key.sign(iss=OTHER_ISS, exp=int(NOW) + 3601)
+    assert rejection(authenticator, bearer(token), token).code == "invalid_claims"
 
 
 def test_an_unknown_kid_for_an_inline_jwks_is_rejected(authenticator, rotated_key):
@@ -602,11 +649,10 @@ SPEC_EXAMPLE_JWK = {
 
 
 def test_the_example_token_from_the_cds_hooks_spec_is_accepted_while_it_was_valid(http):
-    http.get("https://fhir-ehr.example.com/jwk_uri", json={"keys": [SPEC_EXAMPLE_JWK]})
-    issuers = TrustedIssuers.from_mapping(
-        {"https://fhir-ehr.example.com/": {"jku": ["https://fhir-ehr.example.com/jwk_uri"]}}
-    )
-    authenticator = ClientAuthenticator(issuers, clock=FakeClock(1_400_000_000))
+    # The key is pinned inline, so the token's jku header (fhir-ehr.example.com) is never fetched;
+    # the spec's example lives 3.5 years, far over the default lifetime cap.
+    issuers = TrustedIssuers.from_mapping({"https://fhir-ehr.example.com/": {"jwks": {"keys": [SPEC_EXAMPLE_JWK]}}})
+    authenticator = ClientAuthenticator(issuers, clock=FakeClock(1_400_000_000), max_lifetime=4 * 365 * 86400)
 
     claims = authenticator.authenticate(bearer(SPEC_EXAMPLE_TOKEN), "https://cds.example.org/cds-services/some-service")
 
