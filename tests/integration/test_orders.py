@@ -22,7 +22,7 @@ SCENARIOS = yaml.safe_load((ORDERS / "scenarios.yaml").read_text())
 NAMES = sorted(SCENARIOS)
 RULESET = load_ruleset(RULES)
 ORDER_RULES = {"punch-biopsy-in-calciphylaxis", "calcium-load-in-high-product", "steroids-in-calciphylaxis"}
-FHIR_BASE = "http://127.0.0.1:9/fhir"  # mocked with `responses`: nothing listens there
+from tests.requests_builder import FHIR_SERVER as FHIR_BASE  # mocked with `responses`: loopback-looking
 SERVICE = {"order-select": "/cds-services/calcinosis-order-select", "order-sign": "/cds-services/calcinosis-order-sign"}
 
 
