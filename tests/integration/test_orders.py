@@ -220,3 +220,29 @@ def test_rules_test_command_passes_on_the_order_fixtures(capsys):
 
     assert rules_main(["test", "--fixtures", str(ORDERS)]) == 0
     assert " 0 failed" in capsys.readouterr().out
+
+
+def test_an_update_action_sends_the_draft_with_its_own_id_and_the_rule_fields(tmp_path):
+    import shutil
+
+    from tests.conftest import make_app
+
+    rules = tmp_path / "rules"
+    shutil.copytree(RULES, rules)
+    (rules / "punch-urgent.yaml").write_text(
+        "id: punch-urgent\ntitle: Punch biopsy made urgent\ndescription: Test rule for update actions.\n"
+        "hooks: [order-sign]\n"
+        "when: {fact: punch_biopsy_order, operator: present}\n"
+        "card:\n  indicator: info\n  summary: \"Make {punch_biopsy_order} urgent\"\n  detail:\n    - Test.\n"
+        "  suggestions:\n    - label: Make it urgent\n      actions:\n        - type: update\n"
+        "          description: Mark the draft urgent\n          resource_id: \"{punch_biopsy_order.id}\"\n"
+        "          resource: {resourceType: ServiceRequest, status: draft, intent: order, priority: urgent}\n"
+    )
+    client = make_app(tmp_path, RULES_DIR=str(rules)).test_client()
+    body = load("punch-biopsy-sign-no-skin-lesion.json")
+    card = cards_by_rule(post(client, body))["punch-urgent"]
+    (action,) = card["suggestions"][0]["actions"]
+    draft = body["context"]["draftOrders"]["entry"][0]["resource"]
+    assert action["type"] == "update" and "resourceId" not in action
+    assert action["resource"]["id"] == "punch-1" and action["resource"]["priority"] == "urgent"
+    assert action["resource"]["code"] == draft["code"] and action["resource"]["subject"] == draft["subject"]
