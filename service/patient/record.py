@@ -116,7 +116,9 @@ class PatientRecord:
         try:
             full = resource.decode() if isinstance(resource, RawResource) else resource
         except UnreadableJson as exc:
-            self._invalid("Resource", "(unreadable)", str(exc))
+            self.unreadable += 1
+            if self.unreadable <= MAX_DESCRIBED_UNREADABLE:
+                self._invalid("Resource", "(unreadable)", str(exc))
             return
         kind = full.get("resourceType") if isinstance(full, dict) else None
         if kind not in INDEXED_TYPES:
@@ -283,8 +285,9 @@ class PatientRecord:
             try:  # only the value's fields, not the whole resource: most unusable ones stop here
                 value = _VALUE_PART.decode(source.raw)
                 absent, quantity = value.dataAbsentReason, value.valueQuantity
-            except msgspec.MsgspecError:
-                absent, quantity = None, None
+            except msgspec.MsgspecError:  # e.g. 1e999: reported as invalid by the full decode
+                resource = self._validate(source, "Observation", rid)
+                absent, quantity = resource.get("dataAbsentReason"), resource.get("valueQuantity")
         else:
             absent, quantity = source.get("dataAbsentReason"), source.get("valueQuantity")
         if not absent and isinstance(quantity, dict) and quantity.get("value") is not None and _number(quantity["value"]) is None:

@@ -37,12 +37,13 @@ def log_lines():
 
 
 def only_observations_fail(mock, **failure):
-    """Serve Patient and Condition normally; make the Observation search fail as asked."""
+    """Serve Patient, Condition and Procedure normally; make the Observation search fail as asked."""
     resources = scenario(NAME).resources
     patient = next(r for r in resources if r["resourceType"] == "Patient")
     conditions = [r for r in resources if r["resourceType"] == "Condition"]
     mock.add(responses.GET, re.compile(FHIR_SERVER + r"/Patient/.*"), json=patient)
     mock.add(responses.GET, re.compile(FHIR_SERVER + r"/Condition\?.*"), json=searchset(conditions))
+    mock.add(responses.GET, re.compile(FHIR_SERVER + r"/Procedure\?.*"), json=searchset([]))
     mock.add(responses.GET, re.compile(FHIR_SERVER + r"/Observation\?.*"), **failure)
 
 
@@ -149,5 +150,5 @@ def test_a_slow_fhir_server_times_out_within_the_budget_as_412(tmp_path, slow_se
     elapsed = time.monotonic() - started
     assert response.status_code == 412
     assert all(m["reason"].endswith("FHIR server: timeout") for m in response.json["error"]["missing"])
-    assert elapsed < 1.5  # the three keys are fetched in parallel, each within the timeout
-    assert sum(1 for line in log_lines() if line.get("event") == "fhir_fallback_failed") == 3
+    assert elapsed < 1.5  # the four keys are fetched in parallel, each within the timeout
+    assert sum(1 for line in log_lines() if line.get("event") == "fhir_fallback_failed") == 4  # patient, observations, conditions, procedures
