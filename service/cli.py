@@ -130,7 +130,11 @@ def explain_text(result, snoozed: dict | None = None) -> str:
     evaluation, case = result.evaluation, result.case
     evaluator = evaluation.evaluator
     snoozed = snoozed or {}
-    lines = [f"{case.name}: patient {case.patient_id or '(unknown)'}, evaluated at {evaluator.now.isoformat()}", ""]
+    lines = [f"{case.name}: patient {case.patient_id or '(unknown)'}, hook {case.hook}, evaluated at {evaluator.now.isoformat()}"]
+    if case.hook != "patient-view":
+        lines.append(f"draft orders in scope: {', '.join(o.reference for o in case.orders) or 'none'}")
+        lines += [f"  {o.reference} could not be read: {o.problem}" for o in case.orders if o.problem]
+    lines.append("")
     for finding in evaluation.findings:
         snooze = snoozed.get(finding.rule.id)
         state = f"fired, withheld by snooze until {snooze.until.date().isoformat()} ({snooze.reason})" if finding.fired and snooze else "FIRED" if finding.fired else (f"SUPPRESSED by {finding.suppressed_by}" if finding.suppressed_by else ("not fired (unknown)" if finding.result is None else "not fired"))
@@ -211,6 +215,8 @@ def _explain_case(ruleset, case, args, store) -> None:
     if args.json:
         print(json.dumps({
             "patient": case.patient_id,
+            "hook": case.hook,
+            "orders_in_scope": [o.reference for o in case.orders],
             "evaluated_at": result.evaluation.evaluator.now.isoformat(),
             "rules": [{"id": f.rule.id, "fired": f.fired, "result": f.result, "suppressed_by": f.suppressed_by,
                        **({"withheld_by_snooze": {"until": snoozed[f.rule.id].until.isoformat(), "reason": snoozed[f.rule.id].reason}} if f.rule.id in snoozed else {}),

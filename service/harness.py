@@ -20,6 +20,8 @@ import orjson
 import yaml
 
 from service.engine.cards import CardContent, render_card
+from service.engine.model import ORDER_HOOKS
+from service.engine.record import OrderEntry
 from service.engine.evaluate import Evaluation, evaluate
 from service.engine.model import RuleSet
 from service.patient.dates import parse_datetime
@@ -98,6 +100,8 @@ class Case:
     aliases: frozenset[str] = frozenset()  # other references meaning the patient (a Bundle entry's fullUrl)
     full_urls: dict[tuple[str, str], str] = field(default_factory=dict)  # (type, id) -> the Bundle entry's fullUrl
     attributed: bool = False  # a Bulk export group: the reader already tied each resource to the patient
+    hook: str = "patient-view"
+    orders: tuple[OrderEntry, ...] = ()  # order hooks: the draft orders in scope (selected, or all for order-sign)
 
 
 @dataclass
@@ -137,7 +141,19 @@ def case_from_json(data: object, name: str, source: str = "") -> Case:
         stamps = [parse_datetime(v.get("timestamp")) for v in prefetch.values() if isinstance(v, dict)]
         as_of = next((s for s in stamps if s), None)
         aliases = frozenset(patient_aliases(prefetch.values(), patient_id))
-        return Case(name, patient_id, resources, as_of, data, source, aliases)
+        hook = data.get("hook")
+        orders: tuple[OrderEntry, ...] = ()
+        if hook in ORDER_HOOKS:
+            from service.cds_hooks.orders import parse_draft_orders
+            from service.errors import BadRequest
+
+            try:
+                orders = parse_draft_orders(data.get("context") or {}, hook, str(patient_id)).in_scope
+            except BadRequest as exc:
+                raise InputError(f"{source or name}: {exc.message}") from None
+        elif hook != "patient-view":
+            raise InputError(f"{source or name}: hook {hook!r} is not one this service answers (patient-view, order-select, order-sign)")
+        return Case(name, patient_id, resources, as_of, data, source, aliases, hook=hook, orders=orders)
     if data.get("resourceType") == "Bundle":
         resources = resources_in(data)
         patient_id = next((r.get("id") for r in resources if r.get("resourceType") == "Patient"), None)
@@ -220,7 +236,8 @@ def run_case(ruleset: RuleSet, case: Case, now: datetime | None = None, *, full_
         full_validation=full_validation,
     )
     record.add_all(case.resources)
-    evaluation = evaluate(ruleset, record, now or case.as_of or datetime.now(UTC))
+    record.add_orders(case.orders)
+    evaluation = evaluate(ruleset, record, now or case.as_of or datetime.now(UTC), case.hook)
     cards = [render_card(f, evaluation.evaluator, ruleset) for f in evaluation.fired]
     return CaseResult(case, evaluation, record, cards)
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SERVICE_ID = "calcinosis-risk"
+# The service that answers each hook: a saved order-select / order-sign request replays against its own.
+SERVICE_BY_HOOK = {"patient-view": SERVICE_ID, "order-select": "calcinosis-order-select", "order-sign": "calcinosis-order-sign"}
 DEFAULT_TIMEOUT = 10.0
 JWT_LIFETIME_SECONDS = 300  # CDS Hooks 2.0: exp SHOULD be no more than 5 minutes ahead
 
@@ -148,6 +150,7 @@ class HookClient:
         self.signer = signer
         self.session = requests.Session()
         self.templates: dict[str, str] = {}
+        self.offered: set[str] = set()
 
     def close(self) -> None:
         self.session.close()
@@ -172,6 +175,7 @@ class HookClient:
         except StopIteration:
             raise HookClientError(f"discovery {url}: the service does not offer '{SERVICE_ID}'") from None
         self.templates = dict(service.get("prefetch") or {})
+        self.offered = {s.get("id") for s in services if isinstance(s, dict)}
         return self.templates
 
     def call(self, case) -> Outcome:
@@ -180,12 +184,17 @@ class HookClient:
         from service.harness import hook_request_for
 
         outcome = Outcome(case.name, case.patient_id, case.source)
+        service_id = SERVICE_BY_HOOK.get(case.hook)
+        if service_id is None or service_id not in self.offered:
+            outcome.error = _error("no_service", f"the service offers no '{service_id or case.hook}' service for hook {case.hook}")
+            return outcome
+        endpoint = f"{self.base}/cds-services/{service_id}"
         body = hook_request_for(case, self.templates, str(uuid.uuid4()))
         headers = {"Accept": "application/json"}
         if self.signer is not None:
-            headers["Authorization"] = f"Bearer {self.signer.token(self.endpoint)}"
+            headers["Authorization"] = f"Bearer {self.signer.token(endpoint)}"
         try:
-            response = self.session.post(self.endpoint, json=body, headers=headers, timeout=self.timeout)
+            response = self.session.post(endpoint, json=body, headers=headers, timeout=self.timeout)
         except requests.Timeout:
             outcome.error = _error("timeout", f"no answer within {self.timeout:g} s")
             return outcome

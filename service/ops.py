@@ -64,6 +64,7 @@ def rule_page(rule_id: str) -> Response:
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(rule.title)}</title></head><body>"
         f"<h1>{html.escape(rule.title)}</h1><p><code>{html.escape(rule.id)}</code> &middot; rule set {ruleset.fingerprint}</p>"
         f"<p>{html.escape(rule.description)}</p>"
+        f"<p>Answers the CDS Hooks {html.escape(', '.join(rule.hooks))} hook{'s' if len(rule.hooks) > 1 else ''}.</p>"
         + (f"<h2>Sources</h2><ul>{sources}</ul>" if sources else "")
         + f"<p><em>{html.escape(ruleset.settings.disclaimer)}</em></p></body></html>"
     )

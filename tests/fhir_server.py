@@ -20,17 +20,18 @@ def searchset(resources: list[dict], next_url: str | None = None) -> dict:
 class FakeFhirServer:
     """Serve Patient reads and Observation/Condition searches, optionally in pages of `page_size`."""
 
-    def __init__(self, mock: responses.RequestsMock, resources: list[dict], page_size: int | None = None) -> None:
+    def __init__(self, mock: responses.RequestsMock, resources: list[dict], page_size: int | None = None, base: str = FHIR_SERVER) -> None:
         self.resources = resources
         self.page_size = page_size
         self.calls: list = []
-        pattern = re.compile(re.escape(FHIR_SERVER) + r"/.*")
+        self.base = base
+        pattern = re.compile(re.escape(base) + r"/.*")
         mock.add_callback(responses.GET, pattern, callback=self._answer)
 
     def _answer(self, request):
         self.calls.append(request)
         parts = urlsplit(request.url)
-        path = parts.path[len(urlsplit(FHIR_SERVER).path):].strip("/")
+        path = parts.path[len(urlsplit(self.base).path):].strip("/")
         query = parse_qs(parts.query)
         kind, _, rid = path.partition("/")
         if rid:
@@ -43,6 +44,6 @@ class FakeFhirServer:
         if self.page_size:
             chunk = matching[page * self.page_size:(page + 1) * self.page_size]
             more = (page + 1) * self.page_size < len(matching)
-            next_url = f"{FHIR_SERVER}/{kind}?patient=x&_page={page + 1}" if more else None
+            next_url = f"{self.base}/{kind}?patient=x&_page={page + 1}" if more else None
             return 200, {}, orjson.dumps(searchset(chunk, next_url))
         return 200, {}, orjson.dumps(searchset(matching))

@@ -8,10 +8,14 @@ optional fields are omitted rather than sent empty.
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Callable
 
 from service.engine.cards import CardContent
 from service.engine.model import Settings
+from service.patient.validation import validation_error
+
+log = logging.getLogger(__name__)
 
 INDICATORS = ("info", "warning", "critical")
 
@@ -29,20 +33,21 @@ def to_cds_card(
     documentation_url: Callable[[str], str],
     new_uuid: Callable[[], str],
     override_reasons: list[dict] | None = None,
+    encounter_id: str | None = None,
+    log_context: dict | None = None,
 ) -> dict:
     """Build one spec-true card."""
     assert content.indicator in INDICATORS and len(content.summary) < 140
-    suggestions = [
-        _compact(
-            {
+    suggestions = []
+    for s in content.suggestions:
+        actions = [a for a in (_action(a, patient_id, encounter_id, content.rule_id, log_context or {}) for a in s.actions) if a]
+        if actions:
+            suggestions.append(_compact({
                 "label": s.label,
                 "uuid": new_uuid(),
                 "isRecommended": True if s.recommended else None,
-                "actions": [_action(a, patient_id) for a in s.actions],
-            }
-        )
-        for s in content.suggestions
-    ]
+                "actions": actions,
+            }))
     source = _compact(
         {
             "label": content.source_label,
@@ -70,11 +75,28 @@ def to_cds_card(
     )
 
 
-def _action(action, patient_id: str) -> dict:
+def _action(action, patient_id: str, encounter_id: str | None, rule_id: str, log_context: dict) -> dict | None:
+    """One action ("Action" in the spec): create carries resource, update resource with the
+    draft's id, delete resourceId. A resource that is not valid FHIR R4 never leaves: fields
+    copied from a draft are dropped first, and an action still invalid is left out (logged).
+    """
     resource = None
-    if action.resource is not None:
+    if action.type in ("create", "update") and action.resource is not None:
         resource = copy.deepcopy(action.resource)
         # Orders proposed for this patient; rule files cannot know the id.
-        if resource.get("resourceType") == "ServiceRequest" and "subject" not in resource:
-            resource["subject"] = {"reference": f"Patient/{patient_id}"}
+        if resource.get("resourceType") == "ServiceRequest" and action.type == "create":
+            resource.setdefault("subject", {"reference": f"Patient/{patient_id}"})
+            if encounter_id:
+                resource.setdefault("encounter", {"reference": f"Encounter/{encounter_id}"})
+        problem = validation_error(resource)
+        if problem and getattr(action, "copy_fields", ()):
+            for name in action.copy_fields:
+                resource.pop(name, None)
+            log.warning("fields copied from a draft order made the proposal invalid; sent without them",
+                        extra={"event": "draft_fields_dropped", "rule": rule_id, "fields": list(action.copy_fields), "problem": problem, **log_context})
+            problem = validation_error(resource)
+        if problem:
+            log.warning("suggested action left out: its resource is not valid FHIR R4",
+                        extra={"event": "invalid_action_resource", "rule": rule_id, "type": action.type, "problem": problem, **log_context})
+            return None
     return _compact({"type": action.type, "description": action.description, "resource": resource, "resourceId": action.resource_id})

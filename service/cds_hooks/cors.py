@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from flask import Flask, Response, request
 
-EXPOSED = "X-Calcinosis-Skipped-Resources, X-Calcinosis-Incomplete, X-Calcinosis-Rules"
+EXPOSED = "X-Calcinosis-Skipped-Resources, X-Calcinosis-Incomplete, X-Calcinosis-Rules, X-Calcinosis-Ignored-Orders"
 
 
 def init_app(app: Flask) -> None:

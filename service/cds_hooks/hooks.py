@@ -28,6 +28,7 @@ class Outcome:
     incomplete: list[str]
     sources: dict[str, str]
     withheld: list[str] | None = None  # rules whose card a snooze kept back
+    other_patient_orders: int = 0
 
 
 def answer(service: CdsService, body: object, ext) -> Outcome:
@@ -36,7 +37,7 @@ def answer(service: CdsService, body: object, ext) -> Outcome:
     ext.check_fhir_server(hook_request.fhir_server)
     ruleset = ext.rules.current  # one rule set for the whole call, even if a reload lands meanwhile
     log_context = {"hookInstance": hook_request.hook_instance, "service": service.id}
-    templates = prefetch_templates(ruleset, ext.config["PREFETCH_COUNT"])
+    templates = prefetch_templates(ruleset, ext.config["PREFETCH_COUNT"], service.hook)
     resolved = resolve(hook_request, templates, ext.fetch_settings, log_context)
     record = PatientRecord(
         ruleset.code_index, hook_request.patient_id, log_context=log_context,
@@ -45,7 +46,10 @@ def answer(service: CdsService, body: object, ext) -> Outcome:
     )
     for resources in resolved.resources.values():
         record.add_all(resources)
-    evaluation = evaluate(ruleset, record, ext.now())
+    orders = hook_request.draft_orders
+    if orders is not None:
+        record.add_orders(orders.in_scope)
+    evaluation = evaluate(ruleset, record, ext.now(), service.hook)
     rendered = [(finding.rule, render_card(finding, evaluation.evaluator, ruleset)) for finding in evaluation.fired]
     patient = ext.patient_key(hook_request.patient_id, hook_request.fhir_server)
     withheld = withhold_snoozed(ext, service.id, hook_request.hook_instance, patient, rendered) if rendered else set()
@@ -54,10 +58,12 @@ def answer(service: CdsService, body: object, ext) -> Outcome:
         to_cds_card(
             content,
             patient_id=hook_request.patient_id,
+            encounter_id=hook_request.encounter_id,
             settings=ruleset.settings,
             documentation_url=ext.documentation_url,
             new_uuid=ext.new_uuid,
             override_reasons=ruleset.settings.override_codings(rule.override_reasons),
+            log_context=log_context,
         )
         for rule, content in kept
     ]
@@ -68,6 +74,7 @@ def answer(service: CdsService, body: object, ext) -> Outcome:
     return Outcome(
         hook_request.hook_instance, cards, rule_ids, record.skipped, record.other_patient, record.unattributed,
         resolved.incomplete, resolved.sources, sorted(withheld),
+        orders.other_patient if orders is not None else 0,
     )
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from service.engine.model import ORDER_HOOKS
 from service.errors import BadRequest
+
+from .orders import DraftOrders, parse_draft_orders
 
 
 @dataclass(frozen=True)
@@ -17,6 +20,8 @@ class HookRequest:
     fhir_server: str | None
     access_token: str | None
     prefetch: dict
+    draft_orders: DraftOrders | None = None  # order-select / order-sign only
+    encounter_id: str | None = None
 
     def __repr__(self) -> str:  # never let the access token reach a log through repr()
         return f"HookRequest(hook={self.hook!r}, hook_instance={self.hook_instance!r})"
@@ -71,4 +76,6 @@ def parse_hook_request(body: object, expected_hook: str) -> HookRequest:
     for key, value in prefetch.items():
         if value is not None and not (isinstance(value, dict) and isinstance(value.get("resourceType"), str)):
             raise BadRequest(f"prefetch.{key} must be a FHIR resource or null", code="invalid_request", field=f"prefetch.{key}")
-    return HookRequest(hook, hook_instance, patient_id, user_id, context, fhir_server, access_token, prefetch)
+    draft_orders = parse_draft_orders(context, hook, patient_id) if hook in ORDER_HOOKS else None
+    encounter_id = context.get("encounterId") if isinstance(context.get("encounterId"), str) else None
+    return HookRequest(hook, hook_instance, patient_id, user_id, context, fhir_server, access_token, prefetch, draft_orders, encounter_id)

@@ -72,7 +72,7 @@ def discovery() -> Response:
             "title": s.title,
             "description": s.description,
             "id": s.id,
-            "prefetch": prefetch_templates(ruleset, current_app.config["PREFETCH_COUNT"]),
+            "prefetch": prefetch_templates(ruleset, current_app.config["PREFETCH_COUNT"], s.hook),
             **({"usageRequirements": s.usage_requirements} if s.usage_requirements else {}),
         }
         for s in SERVICES.values()
@@ -93,6 +93,8 @@ def invoke(service_id: str) -> Response:
         headers["X-Calcinosis-Skipped-Resources"] = str(outcome.skipped_resources)
     if outcome.incomplete:
         headers["X-Calcinosis-Incomplete"] = ",".join(outcome.incomplete)
+    if outcome.other_patient_orders:
+        headers["X-Calcinosis-Ignored-Orders"] = str(outcome.other_patient_orders)
     log.info(
         "hook answered",
         extra={
@@ -104,6 +106,8 @@ def invoke(service_id: str) -> Response:
             # Resources about another patient in this patient's prefetch: dropped, and worth an EHR ticket.
             "other_patient_resources": outcome.other_patient_resources,
             "unattributed_resources": outcome.unattributed_resources,
+            # Draft orders about another patient in an order hook's context: ignored, and worth an EHR ticket.
+            "other_patient_orders": outcome.other_patient_orders,
             "data_sources": outcome.sources,
             "ms": round((time.perf_counter() - started) * 1000, 1),
         },

@@ -34,34 +34,57 @@ SERVICES = {
             ),
             usage_requirements="Needs read access to the patient's Patient, Observation (laboratory), Condition and Procedure resources.",
         ),
+        CdsService(
+            id="calcinosis-order-select",
+            hook="order-select",
+            title="Calciphylaxis checks on the orders just selected",
+            description=(
+                "When a skin punch biopsy, a calcium-based phosphate binder, active vitamin D or a systemic "
+                "corticosteroid is selected for a patient with suspected calciphylaxis (or kidney failure with a "
+                "high calcium x phosphate product), says why another choice may serve better and offers to "
+                "replace or remove the draft order."
+            ),
+            usage_requirements="Needs read access to the patient's Patient, Observation (laboratory) and Condition resources; reads context.draftOrders and context.selections.",
+        ),
+        CdsService(
+            id="calcinosis-order-sign",
+            hook="order-sign",
+            title="Calciphylaxis checks before orders are signed",
+            description=(
+                "Before signing: flags a skin punch biopsy, a calcium-based phosphate binder, active vitamin D or a "
+                "systemic corticosteroid among the draft orders of a patient with suspected calciphylaxis (or kidney "
+                "failure with a high calcium x phosphate product), and offers to replace or remove the draft order."
+            ),
+            usage_requirements="Needs read access to the patient's Patient, Observation (laboratory) and Condition resources; reads context.draftOrders.",
+        ),
     )
 }
 
 PATIENT_TOKEN = "{{context.patientId}}"
 
 
-@lru_cache(maxsize=8)
-def prefetch_templates(ruleset: RuleSet, max_count: int = 100) -> dict[str, str]:
-    """Derive the prefetch templates from the value sets the loaded rules read.
+@lru_cache(maxsize=16)
+def prefetch_templates(ruleset: RuleSet, max_count: int = 100, hook: str = "patient-view") -> dict[str, str]:
+    """Derive a hook's prefetch templates from the value sets read by the rules that serve it.
 
     CDS Hooks 2.0 restricts prefetch queries to token equality, date prefixes, `_count`
     and `_sort`; a value set with ICD-10-CM prefix entries cannot be written as tokens,
     so Conditions are then requested by clinical status alone.
     """
     templates: dict[str, str] = {}
-    if ruleset.needs_patient():
+    if ruleset.needs_patient(hook):
         templates["patient"] = f"Patient/{PATIENT_TOKEN}"
-    observation_tokens = _tokens(ruleset, ruleset.observation_valuesets())
+    observation_tokens = _tokens(ruleset, ruleset.observation_valuesets(hook))
     if observation_tokens is not None:
         templates["observations"] = (
             f"Observation?patient={PATIENT_TOKEN}&code={','.join(observation_tokens)}&_sort=-date&_count={max_count}"
         )
-    condition_sets = ruleset.condition_valuesets()
+    condition_sets = ruleset.condition_valuesets(hook)
     if condition_sets:
         tokens = _tokens(ruleset, condition_sets)
         code = f"&code={','.join(tokens)}" if tokens else ""
         templates["conditions"] = f"Condition?patient={PATIENT_TOKEN}&clinical-status=active,recurrence,relapse{code}"
-    procedure_sets = ruleset.procedure_valuesets()
+    procedure_sets = ruleset.procedure_valuesets(hook)
     if procedure_sets:
         tokens = _tokens(ruleset, procedure_sets)
         code = f"&code={','.join(tokens)}" if tokens else ""

@@ -5,10 +5,11 @@ CDS Hooks card and enforces the spec's shape.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, replace
 
 from .evaluate import Evaluator, FactValue, Finding
-from .model import Action, Link, RuleSet, Suggestion
+from .model import Action, Link, OrderFact, RuleSet, Suggestion
 from .templates import escape_markdown, format_number
 
 SUMMARY_LIMIT = 139  # CDS Hooks: "<140-character summary"
@@ -49,7 +50,12 @@ def render_card(finding: Finding, evaluator: Evaluator, ruleset: RuleSet) -> Car
             read += line.facts
     suggestions = []
     for suggestion in card.suggestions:
-        actions = tuple(a for a in suggestion.actions if a.when is None or evaluator.test(a.when)[0] is True)
+        actions = tuple(
+            resolved
+            for a in suggestion.actions
+            if a.when is None or evaluator.test(a.when)[0] is True
+            for resolved in _resolve_order(a, evaluator, ruleset)
+        )
         if actions:
             suggestions.append(Suggestion(suggestion.label, actions, suggestion.recommended))
             read += [name for a in actions for name in a.facts]
@@ -70,6 +76,36 @@ def render_card(finding: Finding, evaluator: Evaluator, ruleset: RuleSet) -> Car
         suggestions=tuple(suggestions),
         selection=card.selection or ("at-most-one" if suggestions else None),
     )
+
+
+def _resolve_order(action: Action, evaluator: Evaluator, ruleset: RuleSet) -> list[Action]:
+    """Fill in what an action takes from the matched draft order(s); none if no order matched.
+
+    delete: one action per matched draft (resourceId = Type/id); update: the draft with the
+    rule's fields laid over it, keeping its id; create: the rule's resource plus the fields
+    it copies from the first matched draft, when that draft has them.
+    """
+    if action.order is None:
+        return [action]
+    spec = ruleset.facts[action.order]
+    assert isinstance(spec, OrderFact)
+    if evaluator.value_of(action.order).state != "found":
+        return []
+    drafts = list(evaluator.record.orders(spec.valueset))
+    if action.type == "delete":
+        return [replace(action, resource_id=d.reference, order=None) for d in drafts]
+    draft = drafts[0]
+    if action.type == "update":
+        resource = copy.deepcopy(draft.resource) | copy.deepcopy(action.resource or {})
+        resource["resourceType"], resource["id"] = draft.resource_type, draft.resource_id
+        return [replace(action, resource=resource, order=None)]
+    resource = copy.deepcopy(action.resource or {})
+    copied = tuple(f for f in action.copy_fields if draft.resource.get(f) not in (None, [], {}, ""))
+    if draft.resource_type == "MedicationRequest":
+        copied = tuple(f for f in copied if f != "bodySite")  # a MedicationRequest has no body site
+    for name in copied:
+        resource[name] = copy.deepcopy(draft.resource[name])
+    return [replace(action, resource=resource, order=None, copy_fields=copied)]
 
 
 def values_used(names: tuple[str, ...], evaluator: Evaluator) -> list[str]:
@@ -111,6 +147,8 @@ def _above_limit(fact: FactValue) -> str:
 
 def _evidence_line(e) -> str:
     date = e.date.date().isoformat() if e.date else "date not recorded"
+    if e.sent is None and e.reference.startswith(("ServiceRequest/", "MedicationRequest/")):
+        return f"{e.title}: {escape_markdown(e.display or '')} ({_code(e.code)}), draft order {escape_markdown(e.reference)}"
     if e.sent is None:  # a Condition
         return f"{e.title}: {escape_markdown(e.display or '')} ({_code(e.code)}), recorded {date}, {e.reference}"
     return f"{e.title}: {e.normalised or 'unit not understood'} on {date} (sent as {escape_markdown(e.sent)}; {e.reference})"
@@ -131,6 +169,7 @@ _SYSTEMS = {
     "http://snomed.info/sct": "SNOMED CT",
     "http://hl7.org/fhir/sid/icd-10-cm": "ICD-10-CM",
     "http://www.ama-assn.org/go/cpt": "CPT",
+    "http://www.nlm.nih.gov/research/umls/rxnorm": "RxNorm",
 }
 
 

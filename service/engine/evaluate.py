@@ -10,7 +10,7 @@ from datetime import datetime
 
 from .facts import Evidence, FactComputer, FactValue, bound_prefix
 from .logic import NUMERIC_OPERATORS, Interval, Truth, all_of, any_of, negate
-from .model import AllOf, Expr, Leaf, NotOf, Rule, RuleSet
+from .model import AllOf, Expr, Leaf, NotOf, OrderFact, Rule, RuleSet
 from .record import Record
 from .templates import WIDTHS, Placeholder, format_number
 
@@ -41,16 +41,18 @@ class Evaluation:
         return [f for f in self.findings if f.fired]
 
 
-def evaluate(ruleset: RuleSet, record: Record, now: datetime) -> Evaluation:
-    """Run every rule over the record at time `now`, then apply suppression."""
+def evaluate(ruleset: RuleSet, record: Record, now: datetime, hook: str | None = None) -> Evaluation:
+    """Run the rules serving `hook` (every rule if None) over the record at time `now`, then apply suppression."""
     evaluator = Evaluator(ruleset, record, now)
-    findings = [evaluator.run(rule) for rule in ruleset.rules]
+    findings = [evaluator.run(rule) for rule in ruleset.rules_for(hook)]
     true_ids = {f.rule.id for f in findings if f.result is True}
     # A rule is suppressed by any suppressor that itself fired; the loader forbids cycles,
     # so resolving in dependency order terminates.
     resolved: dict[str, bool] = {}
 
     def fires(rule_id: str) -> bool:
+        if rule_id not in by_id:  # a rule that does not serve this hook suppresses nothing here
+            return False
         if rule_id not in resolved:
             suppressor = next((s for s in ruleset.suppressors.get(rule_id, ()) if fires(s)), None)
             resolved[rule_id] = rule_id in true_ids and suppressor is None
@@ -93,8 +95,9 @@ class Evaluator:
     def _leaf(self, leaf: Leaf) -> tuple[Truth, dict]:
         fact = self.value_of(leaf.fact, leaf.attribute)
         op = leaf.operator
-        if op in ("present", "absent") and fact.state == "unknown" and not fact.exists:
-            result: Truth = None  # e.g. a matching Condition that cannot be read: maybe present
+        if op in ("present", "absent") and fact.state == "unknown" and (not fact.exists or isinstance(self.ruleset.facts.get(leaf.fact), OrderFact)):
+            # e.g. a matching Condition that cannot be read, or a draft order whose code cannot: maybe present
+            result: Truth = None
         elif op == "present":
             result = fact.state != "absent"
         elif op == "absent":

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Sequence
 from .durations import format_duration
 from .logic import NUMERIC_OPERATORS, Interval
 from .model import (
-    ConditionFact, DefinitionFact, Expr, ObservationFact, PatientFact, ProcedureFact, ProductFact, RuleSet, SustainedFact,
+    ConditionFact, DefinitionFact, Expr, ObservationFact, OrderFact, PatientFact, ProcedureFact, ProductFact, RuleSet, SustainedFact,
 )
 from .record import InvalidResource, ObservationEntry, Reading, Record
 from .templates import format_number
@@ -123,6 +123,8 @@ class FactComputer:
             return self._sustained(spec)
         if isinstance(spec, PatientFact):
             return self._patient(spec)
+        if isinstance(spec, OrderFact):
+            return self._order(spec)
         assert isinstance(spec, DefinitionFact)
         result, trace = self._decide(spec.when)
         return FactValue(name, spec.title, "unknown" if result is None else "found", value=result, trace=trace)
@@ -399,6 +401,31 @@ class FactComputer:
             "display": FactValue("display", spec.title, "found", first.display or first.code),
             "code": FactValue("code", spec.title, "found", f"{first.system}|{first.code}"),
             "date": FactValue("date", spec.title, "found" if first.recorded else "unknown", first.recorded),
+        }
+        return fact
+
+    def _order(self, spec: OrderFact) -> FactValue:
+        """The draft orders in scope whose code is in the value set; the first one is shown and acted on."""
+        matched = list(self.record.orders(spec.valueset))
+        unreadable = list(self.record.unreadable_orders())
+        notes = [f"{o.reference} could not be read: {o.problem}" for o in unreadable[:MAX_NOTES]]
+        if not matched:
+            if unreadable:
+                # An order we cannot read may be exactly the one the rule is about: unknown, not absent.
+                notes.append(f"no readable draft order in value set {spec.valueset}, and {len(unreadable)} draft order(s) could not be read")
+                return FactValue(spec.name, spec.title, "unknown", notes=notes)
+            notes.append(f"no draft order in value set {spec.valueset}")
+            return FactValue(spec.name, spec.title, "absent", notes=notes)
+        evidence = []
+        for order in matched:
+            system, code, display = next(c for c in order.codings if self.ruleset.valuesets[spec.valueset].contains(c[0], c[1]))
+            evidence.append(Evidence(spec.title, order.reference, None, code=f"{system}|{code}", display=order.display))
+        first = matched[0]
+        fact = FactValue(spec.name, spec.title, "found", first.display, evidence=evidence, notes=notes)
+        fact.attributes = {
+            "display": FactValue("display", spec.title, "found", first.display),
+            "id": FactValue("id", spec.title, "found", first.reference),
+            "code": FactValue("code", spec.title, "found", evidence[0].code),
         }
         return fact
 

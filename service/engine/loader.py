@@ -25,8 +25,8 @@ from .durations import DurationError, parse_duration
 from .logic import ALL_OPERATORS, NUMERIC_OPERATORS, PRESENCE_OPERATORS
 from .model import (
     Action, AllOf, AnyOf, CardSpec, ConditionFact, DefinitionFact, DetailLine, Expr, Fact, Leaf, Link,
-    NotOf, ObservationFact, OverrideReason, PatientFact, ProcedureFact, ProductFact, Rule, RuleSet, Settings,
-    Suggestion, SustainedFact,
+    NotOf, ObservationFact, OrderFact, OverrideReason, PatientFact, ProcedureFact, ProductFact, Rule, RuleSet,
+    Settings, Suggestion, SustainedFact,
     facts_in,
 )
 from .templates import Placeholder, Template, TemplateError
@@ -313,6 +313,8 @@ class _Loader:
             return ConditionFact(name, title, spec["condition"]) if self.known_valueset(file, path + ("condition",), spec["condition"], rule) else None
         if kind == "patient":
             return PatientFact(name, title, spec["patient"])
+        if kind == "order":
+            return OrderFact(name, title, spec["order"]) if self.known_valueset(file, path + ("order",), spec["order"], rule) else None
         if kind == "product":
             within = self.duration(file, path + ("within",), spec["within"], rule)
             return ProductFact(name, title, tuple(spec["product"]), within, spec["unit"]) if within else None
@@ -470,7 +472,7 @@ class _Loader:
         if len(self.errors) > before or when is None or card is None:
             return None
         evidence = self._expanded(facts_in(when) + card.summary.fact_names)
-        return Rule(
+        rule = Rule(
             id=rule_id,
             title=doc["title"],
             description=doc["description"].strip(),
@@ -480,10 +482,17 @@ class _Loader:
             suppresses=tuple(doc.get("suppresses", ())),
             evidence_facts=tuple(evidence),
             file=file.name,
+            hooks=tuple(dict.fromkeys(doc.get("hooks", ("patient-view",)))),
             override_reasons=reasons,
             snooze=snooze,
             snooze_fingerprint=rule_fingerprint(doc, self._definitions_read(when, card)),
         )
+        orders = [n for n in rule.facts_read if isinstance(self.facts.get(n), OrderFact)]
+        if orders and "patient-view" in rule.hooks:
+            # patient-view carries no draft orders: such a rule could never fire there, silently.
+            self.error(file, ("hooks",) if "hooks" in doc else ("id",), f"reads draft orders ({', '.join(orders)}) but serves patient-view, which has none; serve order-select and/or order-sign instead", rule_id)
+            return None
+        return rule
 
     def _definitions_read(self, when: Expr, card: CardSpec) -> list[str]:
         """The specs of every fact the rule reads, shared definitions followed to their leaves.
@@ -625,8 +634,31 @@ class _Loader:
                 self.error(file, where + ("resource",), f"a {action['type']} action needs the FHIR resource to {action['type']}", rule)
                 return None
             if action["type"] == "delete" and not action.get("resource_id"):
-                self.error(file, where + ("resource_id",), "a delete action needs resource_id (e.g. ServiceRequest/123)", rule)
+                self.error(file, where + ("resource_id",), "a delete action needs resource_id (e.g. ServiceRequest/123, or {order_fact.id})", rule)
                 return None
+            resource_id, order = action.get("resource_id"), None
+            if resource_id and "{" in resource_id:
+                order = self.order_placeholder(file, where + ("resource_id",), resource_id, rule)
+                if order is None:
+                    return None
+                resource_id = None
+            if action["type"] == "update" and order is None:
+                self.error(file, where + ("resource_id",), "an update action changes a draft order: give resource_id as {order_fact.id}", rule)
+                return None
+            copy = action.get("copy_from_order")
+            copy_fields: tuple[str, ...] = ()
+            if copy is not None:
+                if action["type"] != "create" or not isinstance(resource, dict) or resource.get("resourceType") != "ServiceRequest":
+                    self.error(file, where + ("copy_from_order",), "copy_from_order applies to a create action of a ServiceRequest", rule)
+                    return None
+                if order is not None and copy["fact"] != order:
+                    self.error(file, where + ("copy_from_order", "fact"), f"copies from '{copy['fact']}' but the action is about '{order}'", rule)
+                    return None
+                if not isinstance(self.facts.get(copy["fact"]), OrderFact):
+                    if copy["fact"] not in self.broken_facts:
+                        self.error(file, where + ("copy_from_order", "fact"), f"'{copy['fact']}' must name an order fact{self.suggest(copy['fact'])}", rule)
+                    return None
+                order, copy_fields = copy["fact"], tuple(dict.fromkeys(copy["fields"]))
             if resource is not None:
                 problem = self.check_resource(resource)
                 if problem:
@@ -637,9 +669,27 @@ class _Loader:
                 when = self.expr(file, where + ("when",), action["when"], rule)
                 if when is None:
                     return None
-            facts = self._expanded(facts_in(when)) if when is not None else ()
-            actions.append(Action(action["type"], action["description"], resource, action.get("resource_id"), when, facts))
+            facts = self._expanded(facts_in(when) if when is not None else []) + ((order,) if order else ())
+            actions.append(Action(action["type"], action["description"], resource, resource_id, when, tuple(dict.fromkeys(facts)), order, copy_fields))
         return Suggestion(data["label"], tuple(actions), data.get("recommended", False))
+
+    def order_placeholder(self, file: _File, path: tuple, text: str, rule: str) -> str | None:
+        """Check that `text` is exactly {fact.id} of an order fact; return the fact name."""
+        try:
+            template = Template.parse(text)
+        except TemplateError as exc:
+            self.error(file, path, str(exc), rule)
+            return None
+        parts = template.parts
+        if len(parts) != 1 or not isinstance(parts[0], Placeholder) or parts[0].attribute != "id":
+            self.error(file, path, "write the draft order's id as {order_fact.id}, with nothing around it", rule)
+            return None
+        name = parts[0].fact
+        if not isinstance(self.facts.get(name), OrderFact):
+            if name not in self.broken_facts:
+                self.error(file, path, f"'{name}' must name an order fact{self.suggest(name)}", rule)
+            return None
+        return name
 
     def check_resource(self, resource: dict) -> str | None:
         if not isinstance(resource.get("resourceType"), str):
@@ -701,6 +751,8 @@ def template_attributes(fact: Fact) -> tuple[str, ...]:
         return ("display", "code", "date")
     if isinstance(fact, PatientFact):
         return ("value",)
+    if isinstance(fact, OrderFact):
+        return ("display", "id", "code")
     return ()
 
 

@@ -99,6 +99,17 @@ class ProductFact:
 
 
 @dataclass(frozen=True)
+class OrderFact:
+    """A draft order in the hook context (order-select, order-sign) whose code is in a value set."""
+
+    name: str
+    title: str
+    valueset: str
+    kind = "condition"  # present / absent, like a Condition
+    attributes = ()
+
+
+@dataclass(frozen=True)
 class DefinitionFact:
     """A named condition (e.g. kidney failure) that rules use like a yes/no fact."""
 
@@ -109,7 +120,10 @@ class DefinitionFact:
     attributes = ()
 
 
-Fact = Union[ObservationFact, ConditionFact, ProcedureFact, SustainedFact, PatientFact, ProductFact, DefinitionFact]
+Fact = Union[ObservationFact, ConditionFact, ProcedureFact, SustainedFact, PatientFact, ProductFact, OrderFact, DefinitionFact]
+
+HOOKS = ("patient-view", "order-select", "order-sign")
+ORDER_HOOKS = ("order-select", "order-sign")
 
 
 # --- conditions --------------------------------------------------------------------------
@@ -172,6 +186,8 @@ class Action:
     resource_id: str | None = None
     when: "Expr | None" = None  # proposed only when this holds (e.g. order only the missing labs)
     facts: tuple[str, ...] = ()
+    order: str | None = None  # the order fact whose matched draft the action is about ({fact.id})
+    copy_fields: tuple[str, ...] = ()  # fields copied from that draft into a created resource
 
 
 @dataclass(frozen=True)
@@ -213,6 +229,11 @@ class Rule:
     suppresses: tuple[str, ...]
     evidence_facts: tuple[str, ...]  # facts that decide the rule (its `when`) or its summary
     file: str
+    hooks: tuple[str, ...] = ("patient-view",)
+
+    def serves(self, hook: str) -> bool:
+        """Say whether the rule is evaluated for this hook."""
+        return hook in self.hooks
     override_reasons: tuple[str, ...] = ()  # codes offered on the card (settings' list, or the rule's narrower one)
     snooze: dict[str, timedelta] = field(default_factory=dict)  # override reason code -> how long the card stays quiet
     # Hash of the rule's `when` and `card`: a snooze set against one version ends when either is edited.
@@ -270,18 +291,38 @@ class RuleSet:
         """Return the rule with this id, if loaded."""
         return next((r for r in self.rules if r.id == rule_id), None)
 
-    def observation_valuesets(self) -> list[str]:
+    def rules_for(self, hook: str | None) -> tuple[Rule, ...]:
+        """The rules that serve a hook (all rules when hook is None)."""
+        return self.rules if hook is None else tuple(r for r in self.rules if r.serves(hook))
+
+    def facts_for(self, hook: str | None) -> list[Fact]:
+        """The facts the rules serving a hook may read (every fact when hook is None)."""
+        if hook is None:
+            return list(self.facts.values())
+        names = dict.fromkeys(n for r in self.rules_for(hook) for n in r.facts_read)
+        return [self.facts[n] for n in names if n in self.facts]
+
+    def observation_valuesets(self, hook: str | None = None) -> list[str]:
         """Value sets that Observation facts read, for prefetch templates."""
-        return sorted({f.valueset for f in self.facts.values() if isinstance(f, ObservationFact)})
+        return sorted({f.valueset for f in self.facts_for(hook) if isinstance(f, ObservationFact)} | self._product_parts(hook))
 
-    def condition_valuesets(self) -> list[str]:
+    def _product_parts(self, hook: str | None) -> set[str]:
+        parts = set()
+        for fact in self.facts_for(hook):
+            if isinstance(fact, ProductFact):
+                parts |= {self.facts[n].valueset for n in fact.of if isinstance(self.facts.get(n), ObservationFact)}
+            elif isinstance(fact, SustainedFact) and isinstance(self.facts.get(fact.of), ObservationFact):
+                parts.add(self.facts[fact.of].valueset)
+        return parts
+
+    def condition_valuesets(self, hook: str | None = None) -> list[str]:
         """Value sets that Condition facts read, for prefetch templates."""
-        return sorted({f.valueset for f in self.facts.values() if isinstance(f, ConditionFact)})
+        return sorted({f.valueset for f in self.facts_for(hook) if isinstance(f, ConditionFact)})
 
-    def procedure_valuesets(self) -> list[str]:
+    def procedure_valuesets(self, hook: str | None = None) -> list[str]:
         """Value sets that Procedure facts read, for prefetch templates."""
-        return sorted({f.valueset for f in self.facts.values() if isinstance(f, ProcedureFact)})
+        return sorted({f.valueset for f in self.facts_for(hook) if isinstance(f, ProcedureFact)})
 
-    def needs_patient(self) -> bool:
+    def needs_patient(self, hook: str | None = None) -> bool:
         """Say whether any fact reads the Patient resource."""
-        return any(isinstance(f, PatientFact) for f in self.facts.values())
+        return any(isinstance(f, PatientFact) for f in self.facts_for(hook))

@@ -96,6 +96,31 @@ class ConditionEntry:
 
 
 @dataclass(eq=False)
+class OrderEntry:
+    """A draft order from the hook context (ServiceRequest or MedicationRequest), read leniently.
+
+    `codings` are what the order is for: ServiceRequest.code, or the medication's code
+    (medicationCodeableConcept, or a contained or referenced Medication's code). When
+    that code cannot be read, `problem` says why and no value set can match the order.
+    """
+
+    resource_type: str
+    resource_id: str
+    codings: tuple[tuple[str, str, str | None], ...]  # (system, code, display)
+    text: str | None  # the order's own display text (code.text, else a coding's display)
+    resource: dict = field(repr=False)  # the draft as the EHR sent it, for actions that copy from it
+    problem: str | None = None
+
+    @property
+    def reference(self) -> str:
+        return f"{self.resource_type}/{self.resource_id}"
+
+    @property
+    def display(self) -> str:
+        return self.text or next((d for _, _, d in self.codings if d), None) or self.reference
+
+
+@dataclass(eq=False)
 class ProcedureEntry:
     resource_id: str
     status: str | None
@@ -144,3 +169,9 @@ class Record(Protocol):
 
     def patient(self) -> PatientInfo | None:
         """The Patient resource, if the data holds one."""
+
+    def orders(self, valueset_id: str) -> Sequence[OrderEntry]:
+        """Draft orders in scope (order hooks only) whose code is in the value set, in request order."""
+
+    def unreadable_orders(self) -> Sequence[OrderEntry]:
+        """Draft orders in scope whose code could not be read (they match no value set)."""

@@ -8,6 +8,9 @@ FACT_NAME = r"^[a-z][a-z0-9_]*$"
 URL = r"^https?://\S+$"
 
 _string = {"type": "string", "empty": False}
+HOOKS = ("patient-view", "order-select", "order-sign")
+# Fields a created ServiceRequest may take over from the draft it replaces (same meaning in both).
+COPYABLE_ORDER_FIELDS = ("reasonCode", "reasonReference", "bodySite", "note")
 _strings = {"type": "list", "schema": _string}
 
 SETTINGS = {
@@ -69,8 +72,9 @@ FACT = {
     "product": {"type": "list", "minlength": 2, "maxlength": 2, "schema": _string},
     "within": _string,
     "definition": {"type": "dict"},
+    "order": _string,
 }
-FACT_KINDS = ("observation", "condition", "procedure", "sustained", "patient", "product", "definition")
+FACT_KINDS = ("observation", "condition", "procedure", "sustained", "patient", "product", "order", "definition")
 FACT_KEYS_BY_KIND = {
     "observation": {"analyte", "unit", "lookback", "default_upper_limit", "plausible"},
     "condition": set(),
@@ -78,6 +82,7 @@ FACT_KEYS_BY_KIND = {
     "sustained": {"below", "apart", "lookback", "too_short"},
     "patient": set(),
     "product": {"within", "unit"},
+    "order": set(),
     "definition": set(),
 }
 FACT_REQUIRED_BY_KIND = {
@@ -98,6 +103,14 @@ _action = {
         "resource": {"type": "dict"},
         "resource_id": _string,
         "when": {"type": "dict"},
+        # create: copy these fields of the matched draft order into the new resource, when it has them
+        "copy_from_order": {
+            "type": "dict",
+            "schema": {
+                "fact": {**_string, "required": True},
+                "fields": {"type": "list", "required": True, "minlength": 1, "schema": {"type": "string", "allowed": list(COPYABLE_ORDER_FIELDS)}},
+            },
+        },
     },
 }
 CARD = {
@@ -149,6 +162,7 @@ RULE = {
     "facts": FACTS_FILE["facts"] | {"required": False},
     "when": {"type": "dict", "required": True},
     "suppresses": _strings,
+    "hooks": {"type": "list", "minlength": 1, "schema": {"type": "string", "allowed": list(HOOKS)}},
     "card": {"type": "dict", "required": True, "schema": CARD},
     "tests": {},  # no longer read: the loader says where expectations live now
     "override_reasons": {"type": "list", "minlength": 1, "schema": {**_string, "regex": ID}},

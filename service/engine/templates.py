@@ -20,6 +20,7 @@ WIDTHS = {
     "sent": 26,
     "display": 40,
     "code": 40,
+    "id": 64,  # a draft order's Type/id
     "upper_limit": 9,
     "uln_multiple": 9,
 }

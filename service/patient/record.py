@@ -14,7 +14,7 @@ import math
 from collections import defaultdict
 from typing import Any, Iterable
 
-from service.engine.record import ConditionEntry, InvalidResource, ObservationEntry, PatientInfo, ProcedureEntry, Reading
+from service.engine.record import ConditionEntry, InvalidResource, ObservationEntry, OrderEntry, PatientInfo, ProcedureEntry, Reading
 from service.engine.valuesets import CodeIndex
 
 import msgspec
@@ -72,6 +72,8 @@ class PatientRecord:
         self._patient: PatientInfo | None = None
         self._patient_checked = False
         self._patient_raw: dict | None = None
+        self._orders: dict[str, list[OrderEntry]] = defaultdict(list)
+        self._unreadable_orders: list[OrderEntry] = []
         self._seen: set[tuple[str, str]] = set()
         self._sorted: set[str] = set()
         self._anonymous = 0
@@ -253,6 +255,16 @@ class PatientRecord:
         except UnreadableJson as exc:
             self._invalid("Patient", rid, str(exc))
 
+    def add_orders(self, orders: Iterable[OrderEntry]) -> None:
+        """Index the draft orders in scope (from an order hook's context) by value set."""
+        for order in orders:
+            if order.problem:
+                self._unreadable_orders.append(order)
+                continue
+            ids = frozenset().union(*(self.code_index.match(system, code) for system, code, _ in order.codings))
+            for vs_id in ids:
+                self._orders[vs_id].append(order)
+
     # --- validation, lazily -------------------------------------------------------------------
 
     def _invalid(self, kind: str, rid: str, problem: str) -> InvalidResource:
@@ -345,6 +357,12 @@ class PatientRecord:
                 else:
                     self._patient = PatientInfo(raw.get("id", ""), parse_date(raw.get("birthDate")), raw.get("gender"))
         return self._patient
+
+    def orders(self, valueset_id: str) -> list[OrderEntry]:
+        return self._orders.get(valueset_id, [])
+
+    def unreadable_orders(self) -> list[OrderEntry]:
+        return self._unreadable_orders
 
     @property
     def skipped(self) -> int:

@@ -14,8 +14,10 @@ URL = "/cds-services/calcinosis-risk"
 def test_discovery_lists_the_service_with_prefetch_derived_from_the_rules(client):
     response = client.get("/cds-services")
     assert response.status_code == 200
-    (service,) = response.json["services"]
-    assert service["id"] == "calcinosis-risk" and service["hook"] == "patient-view"
+    services = {s["id"]: s for s in response.json["services"]}
+    assert set(services) == {"calcinosis-risk", "calcinosis-order-select", "calcinosis-order-sign"}
+    service = services["calcinosis-risk"]
+    assert service["hook"] == "patient-view"
     assert service["title"] and service["description"]
     prefetch = service["prefetch"]
     assert prefetch["patient"] == "Patient/{{context.patientId}}"

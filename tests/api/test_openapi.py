@@ -174,7 +174,7 @@ def test_discovery_conforms(openapi, client):
     response = client.get("/cds-services")
     assert response.status_code == 200
     conforms(openapi, response)
-    assert [s["id"] for s in response.json["services"]] == ["calcinosis-risk"]
+    assert [s["id"] for s in response.json["services"]] == ["calcinosis-risk", "calcinosis-order-select", "calcinosis-order-sign"]
 
 
 # ------------------------------------------------------------------ invocation
@@ -514,4 +514,26 @@ def test_status_after_a_refused_reload_conforms(openapi, tmp_path):
     assert app.extensions["calcinosis"].rules.refresh(force=True) is False
     response = app.test_client().get("/status")
     assert response.json["rules"]["last_reload_errors"]
+    conforms(openapi, response)
+
+
+ORDER_FIXTURES = sorted(p.name for p in (FIXTURES / "orders").glob("*.json"))
+
+
+@pytest.mark.parametrize("fixture", ORDER_FIXTURES)
+def test_order_hook_invocation_conforms(openapi, shared_client, fixture):
+    """Each order-hook fixture is a valid request per the spec, and its answer (cards, actions) a valid answer."""
+    body = json.loads((FIXTURES / "orders" / fixture).read_text())
+    url = "/cds-services/calcinosis-" + body["hook"]
+    response = post(shared_client, url, body)
+    assert response.status_code == 200, response.json
+    request_conforms(openapi, response)
+    conforms(openapi, response)
+
+
+def test_order_hook_errors_conform(openapi, shared_client):
+    body = json.loads((FIXTURES / "orders" / "punch-biopsy-select-livedo.json").read_text())
+    body["context"]["selections"] = ["ServiceRequest/not-there"]
+    response = post(shared_client, "/cds-services/calcinosis-order-select", body)
+    assert response.status_code == 400 and response.json["error"]["code"] == "unknown_selection"
     conforms(openapi, response)

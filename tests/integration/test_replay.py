@@ -1,6 +1,8 @@
 """`replay`: fixtures in-process, hook requests, a running service, signed calls, population screening."""
 from __future__ import annotations
 
+import orjson
+
 import csv
 import io
 import json
@@ -72,14 +74,18 @@ def capture_authorization(wsgi_app, seen: list[tuple[str, str | None]]):
 # --- in-process ------------------------------------------------------------------------------------
 
 def test_replaying_the_fixtures_with_expect_exits_0_and_prints_each_patients_rules(capsys):
-    assert main([str(FIXTURES), "--expect", "--no-progress"]) == 0
+    # The Bundles only: the table is keyed by patient, and the order requests in orders/ reuse them
+    # (tests/integration/test_orders.py replays those).
+    bundles = sorted(str(p) for p in FIXTURES.glob("*.json"))
+    assert main([*bundles, "--expect", "--no-progress"]) == 0
     out = capsys.readouterr().out
     rows = table_rows(out)
-    assert len(rows) == len(list(FIXTURES.glob("*.json")))
+    cases = len(bundles)
+    assert len(rows) == cases
     assert rows["esrd-dialysis-high-product"] == ["calciphylaxis-risk"]
     assert rows["dialysis-livedo-high-product"] == ["calciphylaxis-risk", "calciphylaxis-workup"]
     assert rows["no-data-patient"] == []
-    assert f"expectations: {len(rows)} ok, 0 mismatch(es), 0 case(s) without expectation" in out
+    assert f"expectations: {cases} ok, 0 mismatch(es), 0 case(s) without expectation" in out
 
 
 def test_validate_checks_every_resource_of_the_fixtures_fully_and_exits_0(capsys):
@@ -135,7 +141,7 @@ def test_a_broken_rule_set_prints_its_errors_and_exits_1(tmp_path, capsys):
 def test_json_output_is_one_object_per_patient_with_the_fired_rule_ids(capsys):
     assert main([str(FIXTURES), "--json", "--expect", "--no-progress"]) == 0
     by_case = json_lines(capsys.readouterr().out)
-    assert len(by_case) == len(list(FIXTURES.glob("*.json")))
+    assert len(by_case) == len(list(FIXTURES.rglob("*.json")))
     assert by_case[HIGH_PRODUCT]["rules"] == ["calciphylaxis-risk"]
     assert by_case[HIGH_PRODUCT]["patient"] == "esrd-dialysis-high-product"
     assert by_case[HIGH_PRODUCT]["evaluated_at"] == "2026-11-01T12:00:00+00:00"  # the Bundle's timestamp
@@ -177,8 +183,8 @@ def test_a_progress_bar_is_drawn_on_a_terminal_for_more_than_20_cases_and_not_wi
         terminal = Terminal()
         monkeypatch.setattr("sys.stderr", terminal)
         assert main([str(FIXTURES), "--json", *flags]) == 0
-        assert ("replaying:" in terminal.getvalue() and f"/{len(list(FIXTURES.glob('*.json')))}" in terminal.getvalue()) is drawn
-    assert len(json_lines(capsys.readouterr().out)) == len(list(FIXTURES.glob("*.json")))  # the bar never lands on stdout
+        assert ("replaying:" in terminal.getvalue() and f"/{len(list(FIXTURES.rglob('*.json')))}" in terminal.getvalue()) is drawn
+    assert len(json_lines(capsys.readouterr().out)) == len(list(FIXTURES.rglob("*.json")))  # the bar never lands on stdout
 
 
 def test_unreadable_input_exits_2_naming_the_file(tmp_path, capsys):
@@ -199,7 +205,11 @@ def test_url_mode_sends_hook_calls_to_the_running_app_and_reads_the_cards_back(a
     assert by_case[HIGH_PRODUCT]["cards"][0]["summary"] == "Calciphylaxis risk: Ca x P 74.9 mg²/dL² with kidney failure"
     assert {o["expectation"] for o in by_case.values()} == {"ok"}  # the app's clock is the scenarios' time
     assert seen[0][0] == "/cds-services"  # discovery first
-    assert [path for path, _ in seen[1:]] == ["/cds-services/calcinosis-risk"] * len(list(FIXTURES.glob("*.json")))
+    # Each saved request goes to the service for its hook: order-select / order-sign requests to theirs.
+    hooks = [orjson.loads(p.read_bytes()).get("hook", "patient-view") for p in FIXTURES.rglob("*.json")]
+    expected = {"patient-view": "calcinosis-risk", "order-select": "calcinosis-order-select", "order-sign": "calcinosis-order-sign"}
+    assert sorted(path for path, _ in seen[1:]) == sorted(f"/cds-services/{expected[h]}" for h in hooks)
+    assert "/cds-services/calcinosis-order-sign" in {path for path, _ in seen}
     assert all(token is None for _, token in seen)  # unsigned unless --jwt-key
 
 

@@ -184,6 +184,12 @@ class FakeRecord:
         self.patient_reads += 1
         return self._patient
 
+    def orders(self, valueset_id: str) -> Sequence:
+        return []  # no draft orders: patient-view data
+
+    def unreadable_orders(self) -> Sequence:
+        return []
+
 
 # --- rule sets on disk ------------------------------------------------------------------------------
 

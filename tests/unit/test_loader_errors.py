@@ -579,3 +579,51 @@ def test_documentation_url_with_an_unknown_placeholder_is_an_error(tmp_path):
         load_ruleset(rules)
     (error,) = raised.value.errors
     assert error.field == "documentation_url" and "{rule_id}" in error.message
+
+
+# --- order hooks -------------------------------------------------------------------------------
+
+ORDER_VALUESETS = {"calcium": [("http://loinc.org", "17861-6")], "punch": [("http://www.ama-assn.org/go/cpt", "11104")]}
+ORDER_FACTS = {
+    "calcium": {"title": "Total calcium", "observation": "calcium", "analyte": "calcium", "unit": "mg/dL", "lookback": "P90D", "plausible": [1, 25]},
+    "punch_order": {"title": "Draft punch biopsy", "order": "punch"},
+}
+
+
+def order_rule(hooks: str | None, action: str = "") -> str:
+    hooks_line = f"hooks: {hooks}\n" if hooks is not None else ""
+    return (
+        f"id: punch-check\ntitle: Punch check\ndescription: A punch biopsy is ordered.\n{hooks_line}"
+        "when: {fact: punch_order, operator: present}\n"
+        "card:\n  indicator: warning\n  summary: \"{punch_order} ordered\"\n  detail:\n    - A punch biopsy.\n" + action
+    )
+
+
+def test_a_rule_reading_draft_orders_is_refused_on_patient_view_by_default(tmp_path):
+    found = errors(tmp_path, {"punch-check": order_rule(None)}, valuesets=ORDER_VALUESETS, facts=ORDER_FACTS)
+    error = the_error(found, "id")
+    assert error.rule == "punch-check" and "reads draft orders (punch_order) but serves patient-view" in error.message
+
+
+def test_a_rule_reading_draft_orders_is_refused_when_it_lists_patient_view(tmp_path):
+    found = errors(tmp_path, {"punch-check": order_rule("[patient-view, order-sign]")}, valuesets=ORDER_VALUESETS, facts=ORDER_FACTS)
+    assert "serves patient-view" in the_error(found, "hooks").message
+
+
+def test_a_rule_reading_draft_orders_loads_on_the_order_hooks(tmp_path):
+    from fakes import write_ruleset
+
+    root = write_ruleset(tmp_path / "rules", {"punch-check": order_rule("[order-select, order-sign]")}, valuesets=ORDER_VALUESETS, facts=ORDER_FACTS)
+    rule = load_ruleset(root).rule("punch-check")
+    assert rule.hooks == ("order-select", "order-sign") and not rule.serves("patient-view")
+
+
+def test_an_unknown_hook_is_reported(tmp_path):
+    found = errors(tmp_path, {"punch-check": order_rule("[order-review]")}, valuesets=ORDER_VALUESETS, facts=ORDER_FACTS)
+    assert the_error(found, "hooks[0]").rule == "punch-check"
+
+
+def test_a_delete_action_naming_a_fact_that_is_not_an_order_is_reported(tmp_path):
+    action = "  suggestions:\n    - label: Remove\n      actions:\n        - type: delete\n          description: Remove it\n          resource_id: \"{calcium.id}\"\n"
+    found = errors(tmp_path, {"punch-check": order_rule("[order-sign]", action)}, valuesets=ORDER_VALUESETS, facts=ORDER_FACTS)
+    assert "'calcium' must name an order fact" in the_error(found, "card.suggestions[0].actions[0].resource_id").message
