@@ -1,14 +1,18 @@
 """Shared fixtures: the app on the real rule set, a test client, fixture scenarios as hook requests."""
 from __future__ import annotations
 
+import io
 import itertools
+import logging
 from datetime import UTC, datetime
 from pathlib import Path
 
+import orjson
 import pytest
 
 from service import create_app
 from service.config import PROJECT_ROOT
+from service.logs import JsonFormatter
 
 FIXTURES = PROJECT_ROOT / "fixtures" / "fhir"
 RULES = PROJECT_ROOT / "rules"
@@ -43,3 +47,15 @@ def app(tmp_path):
 @pytest.fixture
 def client(app):
     return app.test_client()
+
+
+@pytest.fixture
+def log_lines():
+    """The service's JSON log lines written during the test, parsed (call it to read them)."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("service")
+    logger.addHandler(handler)
+    yield lambda: [orjson.loads(line) for line in stream.getvalue().splitlines()]
+    logger.removeHandler(handler)

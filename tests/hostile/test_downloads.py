@@ -5,8 +5,6 @@ answer a CDS client gets: a 412 naming only a category, within the budget, and t
 """
 from __future__ import annotations
 
-import io
-import logging
 import time
 
 import orjson
@@ -14,7 +12,6 @@ import pytest
 
 from service.bounded_http import bounded_session
 from service.cds_hooks.auth import AuthenticationError, ClientAuthenticator, TrustedIssuer, TrustedIssuers
-from service.logs import JsonFormatter
 from tests.conftest import make_app
 from tests.fhir_server import searchset
 from tests.requests_builder import request_without_prefetch, scenario
@@ -31,17 +28,6 @@ def bomb() -> bytes:
     compressed = servers.gzip_bomb(100)
     assert len(compressed) < 1024 * 1024
     return compressed
-
-
-@pytest.fixture
-def log_lines():
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("service")
-    logger.addHandler(handler)
-    yield lambda: [orjson.loads(line) for line in stream.getvalue().splitlines()]
-    logger.removeHandler(handler)
 
 
 def hook_call(app, fhir_server: str):

@@ -2,18 +2,14 @@
 the store, inflate /metrics, or pass unlogged; and what `make run` turns on."""
 from __future__ import annotations
 
-import io
-import logging
 import os
 import sqlite3
 import subprocess
 
 import orjson
-import pytest
 import requests
 
 from service.config import PROJECT_ROOT
-from service.logs import JsonFormatter
 from service.store import Store
 from tests.conftest import make_app
 from tests.integration.test_gunicorn import served  # noqa: F401 - the gunicorn fixture
@@ -21,17 +17,6 @@ from tests.requests_builder import request_with_prefetch
 
 URL = "/cds-services/calcinosis-risk"
 NAME = "esrd-dialysis-high-product.json"
-
-
-@pytest.fixture
-def log_lines():
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("service")
-    logger.addHandler(handler)
-    yield lambda: [orjson.loads(line) for line in stream.getvalue().splitlines()]
-    logger.removeHandler(handler)
 
 
 def feedback(n: int) -> dict:

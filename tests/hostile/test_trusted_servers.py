@@ -4,16 +4,12 @@ Every FHIR server here is a thread on 127.0.0.1; "another origin" is another por
 """
 from __future__ import annotations
 
-import io
 import json
-import logging
 
-import orjson
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from service.cds_hooks.auth import ConfigurationError, TrustedIssuers
-from service.logs import JsonFormatter
 from tests.api.test_trust import jwks_for, token
 from tests.conftest import make_app
 from tests.requests_builder import request_with_prefetch, request_without_prefetch
@@ -92,17 +88,6 @@ def test_with_auth_disabled_cds_fhir_servers_is_the_allow_list(tmp_path, trusted
     assert stranger[1] == []
     assert post(app, without_prefetch(trusted[0] + "/fhir")).status_code == 200
     assert app.test_client().get("/status").json["fhir_servers"] == "allow-listed"
-
-
-@pytest.fixture
-def log_lines():
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("service")
-    logger.addHandler(handler)
-    yield lambda: [orjson.loads(line) for line in stream.getvalue().splitlines()]
-    logger.removeHandler(handler)
 
 
 def test_no_allow_list_means_any_server_with_a_start_up_warning_and_a_status_flag(tmp_path, key, log_lines, stranger):

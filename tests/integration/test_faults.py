@@ -6,8 +6,6 @@ the key and the reason; a next link that loops ends paging with the pages read.
 from __future__ import annotations
 
 import http.server
-import io
-import logging
 import re
 import threading
 import time
@@ -16,24 +14,12 @@ import orjson
 import pytest
 import responses
 
-from service.logs import JsonFormatter
 from tests.conftest import make_app
 from tests.fhir_server import searchset
 from tests.requests_builder import FHIR_SERVER, request_without_prefetch, scenario
 
 URL = "/cds-services/calcinosis-risk"
 NAME = "esrd-dialysis-high-product.json"
-
-
-@pytest.fixture
-def log_lines():
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("service")
-    logger.addHandler(handler)
-    yield lambda: [orjson.loads(line) for line in stream.getvalue().splitlines()]
-    logger.removeHandler(handler)
 
 
 def only_observations_fail(mock, **failure):
