@@ -23,7 +23,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from service.config import PROJECT_ROOT
-from tests.conftest import SCENARIO_TIME
+from tests.conftest import SCENARIO_TIME, TEST_PATIENT_KEY
 
 SANDBOX_ISSUER = "https://sandbox.cds-hooks.org"
 CDS_NOW = SCENARIO_TIME.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -107,6 +107,7 @@ def start_service(workdir: Path, issuers: dict, *, workers: int = 2) -> Service:
         CDS_DATABASE_URL=f"sqlite:///{db_path}",
         CDS_RULES_POLL_SECONDS="0",
         CDS_PUBLIC_BASE_URL=base_url,
+        CDS_PATIENT_KEY=TEST_PATIENT_KEY,  # auth is on, so the store's keyed hashes need their secret
         WEB_CONCURRENCY=str(workers),
         PROMETHEUS_MULTIPROC_DIR=str(workdir / "metrics"),
     )

@@ -119,7 +119,9 @@ def test_the_sandboxs_signed_calls_are_accepted(patient_views, service):
 def feedback_rows(service) -> list[dict]:
     with sqlite3.connect(f"file:{service.db_path}?mode=ro", uri=True, timeout=5) as db:
         db.row_factory = sqlite3.Row
-        return [dict(row) for row in db.execute("SELECT card_uuid, outcome, accepted_suggestions, rule_id, known_card FROM feedback")]
+        return [dict(row) for row in db.execute(
+            "SELECT card_uuid, outcome, accepted_suggestions, rule_id, known_card, override_reason_system, override_reason_code FROM feedback"
+        )]
 
 
 def issued_suggestions(service, card_uuid: str) -> list[str]:
@@ -129,7 +131,7 @@ def issued_suggestions(service, card_uuid: str) -> list[str]:
     return json.loads(row[0])
 
 
-def test_taking_a_suggestion_stores_accepted_and_dismiss_stores_overridden(sandbox, service):
+def test_taking_a_suggestion_stores_accepted_and_dismiss_with_a_reason_stores_overridden(sandbox, service):
     page, call = sandbox.open_patient(service.base_url, patient_id(WITH_SUGGESTIONS))
     assert call.status == 200, call.response
     rendered_cards(page, expected_count=len(call.cards))
@@ -142,8 +144,12 @@ def test_taking_a_suggestion_stores_accepted_and_dismiss_stores_overridden(sandb
     with page.expect_response(lambda r: r.url == feedback_url) as answer:
         card_locator(page, taken_card["summary"]).get_by_role("button", name=suggestion["label"]).click()
     assert answer.value.status == 200, answer.value.text()
+    # The card offers override reasons, so the sandbox's Dismiss has a menu of them: pick one
+    # that snoozes nothing, so later views of this patient are unchanged.
+    reason = next(r for r in dismissed_card["overrideReasons"] if r["code"] == "not-clinically-relevant")
+    card_locator(page, dismissed_card["summary"]).get_by_role("button", name="select dismiss reason").click()
     with page.expect_response(lambda r: r.url == feedback_url) as answer:
-        card_locator(page, dismissed_card["summary"]).get_by_role("button", name="Dismiss").click()
+        page.get_by_role("menuitem", name=reason["display"]).click()
     assert answer.value.status == 200, answer.value.text()
 
     rows = {row["card_uuid"]: row for row in feedback_rows(service)}
@@ -153,6 +159,7 @@ def test_taking_a_suggestion_stores_accepted_and_dismiss_stores_overridden(sandb
     assert suggestion["uuid"] in issued_suggestions(service, taken_card["uuid"])
     assert overridden is not None and overridden["outcome"] == "overridden", rows
     assert json.loads(overridden["accepted_suggestions"]) == []
+    assert (overridden["override_reason_system"], overridden["override_reason_code"]) == (reason["system"], reason["code"])
     assert accepted["known_card"] == overridden["known_card"] == 1
     assert {accepted["rule_id"], overridden["rule_id"]} == {
         card_from_service(taken_card).rule, card_from_service(dismissed_card).rule,
