@@ -62,6 +62,7 @@ class PatientRecord:
         bases += [a[: -len(suffix)] for a in sorted(self.aliases) if patient_id and a.endswith(suffix) and "://" in a]
         self.bases = tuple(dict.fromkeys(bases))
         self.unattributed = 0  # resources whose subject reference names no patient we can tell
+        self._reference_verdicts: dict[str, str] = {}  # subject reference -> "patient" | "other" | "unattributed"
         self.invalid: dict[str, str] = {}  # "Type/id" -> first validation problem
         self.other_patient = 0
         self.unreadable = 0  # resources whose indexed fields have the wrong JSON types (all counted)
@@ -177,10 +178,17 @@ class PatientRecord:
         """Say whether a subject reference means this patient; count those about others or no one we can tell."""
         if self.attributed or not self.patient_id or not reference:
             return True  # prefetch and server searches are for this patient; a Bulk group was attributed
-        named = {referenced_patient(reference, base) for base in self.bases or (None,)}
-        if reference in self.aliases or self.patient_id in named:
+        # A chart names its patient the same way thousands of times: decide each spelling once.
+        verdict = self._reference_verdicts.get(reference)
+        if verdict is None:
+            named = {referenced_patient(reference, base) for base in self.bases or (None,)}
+            verdict = "patient" if reference in self.aliases or self.patient_id in named else (
+                "other" if named - {None} else "unattributed"
+            )
+            self._reference_verdicts[reference] = verdict
+        if verdict == "patient":
             return True
-        if named - {None}:
+        if verdict == "other":
             self.other_patient += 1
         else:
             self.unattributed += 1
