@@ -66,8 +66,26 @@ class ObservationEntry:
         return self._reading  # type: ignore[return-value]
 
 
+class _CheckedOnce:
+    """Validates its resource on the first `check()` and remembers the answer.
+
+    Subclasses are dataclasses with `resource_id`, `source`, `validate` and `_error` fields.
+    """
+
+    def check(self) -> None:
+        """Raise InvalidResource if the resource is not valid FHIR R4 (checked once)."""
+        if self._error is _UNLOADED:
+            try:
+                self.validate(self.source, self.resource_id)
+                self._error = None
+            except InvalidResource as exc:
+                self._error = exc
+        if self._error is not None:
+            raise self._error  # type: ignore[misc]
+
+
 @dataclass(eq=False)
-class ConditionEntry:
+class ConditionEntry(_CheckedOnce):
     resource_id: str
     clinical_status: str | None
     verification_status: str | None
@@ -82,17 +100,6 @@ class ConditionEntry:
     @property
     def reference(self) -> str:
         return f"Condition/{self.resource_id}"
-
-    def check(self) -> None:
-        """Raise InvalidResource if the resource is not valid FHIR R4 (checked once)."""
-        if self._error is _UNLOADED:
-            try:
-                self.validate(self.source, self.resource_id)
-                self._error = None
-            except InvalidResource as exc:
-                self._error = exc
-        if self._error is not None:
-            raise self._error  # type: ignore[misc]
 
 
 @dataclass(eq=False)
@@ -121,7 +128,7 @@ class OrderEntry:
 
 
 @dataclass(eq=False)
-class ProcedureEntry:
+class ProcedureEntry(_CheckedOnce):
     resource_id: str
     status: str | None
     performed: datetime | None  # the end of performed[x] when given, else its start
@@ -135,17 +142,6 @@ class ProcedureEntry:
     @property
     def reference(self) -> str:
         return f"Procedure/{self.resource_id}"
-
-    def check(self) -> None:
-        """Raise InvalidResource if the resource is not valid FHIR R4 (checked once)."""
-        if self._error is _UNLOADED:
-            try:
-                self.validate(self.source, self.resource_id)
-                self._error = None
-            except InvalidResource as exc:
-                self._error = exc
-        if self._error is not None:
-            raise self._error  # type: ignore[misc]
 
 
 @dataclass(frozen=True)
