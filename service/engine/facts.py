@@ -505,6 +505,8 @@ class FactComputer:
             if not below:
                 break  # a result at or above the threshold ends the run
             run.append(value)
+            if value.date is not None and run[0].date - value.date >= spec.apart:
+                break  # long enough: older results cannot change the answer, so they are not read
         if not run:
             if latest is not None:
                 notes.append(f"latest {obs.title} {latest.shown} on {latest.date.date()} is not below {threshold}")
