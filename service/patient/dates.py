@@ -8,6 +8,13 @@ def parse_datetime(value: object) -> datetime | None:
     """Parse a FHIR dateTime/instant/date; None if absent or unreadable."""
     if not isinstance(value, str) or len(value) < 4:
         return None
+    if len(value) > 10:  # the common case, a full dateTime: one call (Python 3.11 reads "Z" itself)
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            pass
+        else:
+            return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
     text = value.strip()
     if len(text) == 4:
         text += "-01-01"

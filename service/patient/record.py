@@ -20,7 +20,7 @@ from service.engine.valuesets import CodeIndex
 import msgspec
 
 from .dates import parse_date, parse_datetime
-from .lazy import Coding, Concept, Head, RawResource, UnreadableJson
+from .lazy import HEAD_DECODER, Coding, Concept, Head, RawResource, UnreadableJson
 from .strict import strict_problem
 from .validation import validation_error
 
@@ -33,7 +33,7 @@ INDEXED_TYPES = ("Observation", "Condition", "Procedure", "Patient")
 MAX_DESCRIBED_UNREADABLE = 20  # unreadable resources validated and logged one by one; the rest are counted
 
 
-class _ValuePart(msgspec.Struct):
+class _ValuePart(msgspec.Struct, gc=False):
     dataAbsentReason: Any = None
     valueQuantity: Any = None
 
@@ -83,6 +83,8 @@ class PatientRecord:
         self._load_reading = self._reading
         self._validate_condition = lambda resource, rid: self._validate(resource, "Condition", rid)
         self._validate_procedure = lambda resource, rid: self._validate(resource, "Procedure", rid)
+        self._adders = {"Observation": self._add_observation, "Condition": self._add_condition,
+                        "Procedure": self._add_procedure, "Patient": None}
 
     # --- building ----------------------------------------------------------------------------
 
@@ -95,24 +97,26 @@ class PatientRecord:
     def add(self, resource: dict | RawResource) -> None:
         """Index one resource if a rule can use it; skip other types."""
         try:
-            head = resource.head() if isinstance(resource, RawResource) else msgspec.convert(resource, Head)
+            head = HEAD_DECODER.decode(resource.raw) if type(resource) is RawResource else msgspec.convert(resource, Head)
         except msgspec.MsgspecError as exc:
             self._unreadable(resource, str(exc))
             return
         kind = head.resourceType
-        if kind not in INDEXED_TYPES:
+        if kind not in self._adders:
             return
+        add = self._adders[kind]
         rid = head.id
         if not rid:
             self._anonymous += 1
             rid = f"(no id #{self._anonymous})"
-        if (kind, rid) in self._seen:  # the same resource from two keys or pages
+        key = (kind, rid)
+        if key in self._seen:  # the same resource from two keys or pages
             return
-        self._seen.add((kind, rid))
-        if kind == "Patient":
+        self._seen.add(key)
+        if add is None:  # the Patient
             self._add_patient(resource, rid)
         elif self._belongs_to_patient(head.subject.reference if head.subject else None):
-            {"Observation": self._add_observation, "Condition": self._add_condition, "Procedure": self._add_procedure}[kind](head, resource, rid)
+            add(head, resource, rid)
 
     def _unreadable(self, resource: dict | RawResource, problem: str) -> None:
         """A resource whose code, dates or statuses have the wrong JSON types: invalid, reported.
@@ -220,9 +224,11 @@ class PatientRecord:
             rid, head.status, effective, coding.system, coding.code, coding.display,
             source=source, load=self._load_reading,
         )
-        for vs_id in frozenset().union(*(ids for _, ids in matches)):
+        ids = matches[0][1] if len(matches) == 1 else frozenset().union(*(ids for _, ids in matches))
+        for vs_id in ids:
             self._observations[vs_id].append(entry)
-            self._sorted.discard(vs_id)
+        if self._sorted:  # added after a rule read the list: sort it again on the next read
+            self._sorted.difference_update(ids)
 
     def _add_condition(self, head: Head, source: dict | RawResource, rid: str) -> None:
         matches = self._matches(head)
