@@ -107,6 +107,7 @@ class FactComputer:
         self._decide = decide
         self._candidate_cache: dict[str, tuple[list[ObservationEntry], list[str]]] = {}
         self._entries: dict[str, Sequence[ObservationEntry]] = {}
+        self._readings: dict[ObservationEntry, tuple[Reading | None, str | None]] = {}
 
     def compute(self, name: str) -> FactValue:
         """Compute one fact from the record (definitions are decided by the evaluator)."""
@@ -186,18 +187,26 @@ class FactComputer:
             notes.append(f"{undatable} result(s) {UNDATABLE}")
 
     def _reading(self, entry: ObservationEntry, notes: list[str]) -> Reading | None:
-        """Load an entry's reading, or say why it cannot be used."""
-        try:
-            reading = entry.reading()
-        except InvalidResource as exc:
-            notes.append(f"{entry.reference} skipped: not valid FHIR R4 ({exc.error})")
-            return None
-        if reading.data_absent:
-            notes.append(f"{entry.reference} skipped: dataAbsentReason {reading.data_absent}")
-            return None
-        if reading.value is None:
-            notes.append(f"{entry.reference} skipped: no numeric valueQuantity.value")
-            return None
+        """Load an entry's reading, or say why it cannot be used.
+
+        Decided once per entry: several facts scan the same results (latest, paired, over time),
+        and a chart may hold thousands of unusable ones.
+        """
+        known = self._readings.get(entry)
+        if known is None:
+            outcome = entry.outcome()
+            if isinstance(outcome, InvalidResource):
+                known = (None, f"{entry.reference} skipped: not valid FHIR R4 ({outcome.error})")
+            elif outcome.data_absent:
+                known = (None, f"{entry.reference} skipped: dataAbsentReason {outcome.data_absent}")
+            elif outcome.value is None:
+                known = (None, f"{entry.reference} skipped: no numeric valueQuantity.value")
+            else:
+                known = (outcome, None)
+            self._readings[entry] = known
+        reading, why = known
+        if why is not None:
+            notes.append(why)
         return reading
 
     def _observation(self, spec: ObservationFact) -> FactValue:

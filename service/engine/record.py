@@ -54,16 +54,21 @@ class ObservationEntry:
     def reference(self) -> str:
         return f"Observation/{self.resource_id}"
 
-    def reading(self) -> Reading:
-        """Return the validated reading; raises InvalidResource (and remembers it)."""
+    def outcome(self) -> "Reading | InvalidResource":
+        """The validated reading, or why it is invalid (loaded once, never raised)."""
         if self._reading is _UNLOADED:
             try:
                 self._reading = self.load(self.source, self.resource_id)
             except InvalidResource as exc:
                 self._reading = exc
-        if isinstance(self._reading, InvalidResource):
-            raise self._reading
         return self._reading  # type: ignore[return-value]
+
+    def reading(self) -> Reading:
+        """Return the validated reading; raises InvalidResource."""
+        outcome = self.outcome()
+        if isinstance(outcome, InvalidResource):
+            raise outcome
+        return outcome
 
 
 class _CheckedOnce:

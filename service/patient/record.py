@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
+from datetime import UTC, datetime
 from typing import Any, Iterable
 
 from service.engine.record import ConditionEntry, InvalidResource, ObservationEntry, OrderEntry, PatientInfo, ProcedureEntry, Reading
@@ -350,7 +351,7 @@ class PatientRecord:
     def observations(self, valueset_id: str) -> list[ObservationEntry]:
         entries = self._observations.get(valueset_id, [])
         if valueset_id not in self._sorted:
-            entries.sort(key=lambda e: (e.effective is not None, e.effective or 0), reverse=True)
+            entries.sort(key=_newest_first, reverse=True)
             self._sorted.add(valueset_id)
         return entries
 
@@ -391,6 +392,14 @@ class PatientRecord:
             "conditions": len({id(e) for entries in self._conditions.values() for e in entries}),
             "procedures": len({id(e) for entries in self._procedures.values() for e in entries}),
         }
+
+
+_UNDATED = datetime.min.replace(tzinfo=UTC)
+
+
+def _newest_first(entry: ObservationEntry) -> datetime:
+    """Sort key (reversed): newest first, undated last; no tuple per entry on a 5,000-result chart."""
+    return entry.effective or _UNDATED
 
 
 def _number(value: object) -> float | None:
