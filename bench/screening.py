@@ -12,7 +12,7 @@ the largest process (the pool's parent holds the whole export) and of each Dask 
 whether every configuration flagged exactly the patients the generator says it must.
 
     python -m bench.screening --patients 100000
-    python -m bench.screening --patients 20000 --only dask
+    python -m bench.screening --patients 20000 --only dask --workers 1
 """
 from __future__ import annotations
 
@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.screening", description=__doc__.split("\n\n")[0])
     parser.add_argument("--patients", type=int, default=100_000)
     parser.add_argument("--only", choices=("processes", "dask"))
+    parser.add_argument("--workers", type=int, action="append", choices=(1, 2), help="only these worker counts (repeatable; default 1 and 2)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="per configuration, seconds")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{len(export.flagged):,} must be flagged; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}", flush=True)
         results = []
         for engine, workers in CONFIGS:
-            if args.only and engine != args.only:
+            if (args.only and engine != args.only) or (args.workers and workers not in args.workers):
                 continue
             result = run_one(folder, Path(tmp), engine, workers, args.timeout)
             result["same_as_expected"] = result.pop("flagged") == export.flagged

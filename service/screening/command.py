@@ -52,7 +52,7 @@ def parser(prog: str = "screen") -> argparse.ArgumentParser:
     run.add_argument("--engine", choices=("dask", "processes"), default="dask", help="dask.distributed (default) or a local process pool")
     run.add_argument("--workers", type=int, metavar="N", help="processes of the embedded LocalCluster or pool (default: the CPU count)")
     run.add_argument("--scheduler", metavar="ADDRESS", help="an existing Dask scheduler, e.g. tcp://HOST:8786 (default: DASK_SCHEDULER_ADDRESS, else a LocalCluster)")
-    run.add_argument("--blocksize", type=int, default=None, metavar="BYTES", help="NDJSON bytes per Dask partition (default 32 MiB): bounds memory per worker")
+    run.add_argument("--blocksize", type=int, default=None, metavar="BYTES", help="NDJSON bytes per Dask partition (default 8 MiB): bounds memory per worker")
     run.add_argument("--worker-memory", default="1GiB", metavar="SIZE", help="memory per LocalCluster worker; past 60%% of it a worker spills to disk (default 1GiB)")
     run.add_argument("--time-limit", type=float, metavar="SECONDS", help="give up (exit 1) if screening takes longer")
     run.add_argument("--connect-timeout", type=float, default=30.0, metavar="SECONDS", help="give up (exit 2) on a scheduler not reached in this time (default 30)")

@@ -1,15 +1,23 @@
 """Screen a Bulk NDJSON export on Dask (`dask.distributed`): a LocalCluster or an existing scheduler.
 
-The work, as `dask.bag` steps, each a pure function per partition:
-1. `read_text` splits every NDJSON file into blocks (`blocksize` bytes), local or any fsspec URL;
-2. each block's lines are attributed to a patient (`service.screening.ndjson`); what cannot be
-   is counted in a per-block `ReadReport`;
-3. a task-based shuffle (`groupby`, keyed by patient id) brings each patient's lines together:
-   a partition holds only the patients hashed to it, so memory per worker follows the block
-   size and the partition count, not the export's size;
-4. each group becomes a case and is screened with the rule set, which the client loaded and
-   checked once and ships to every worker as one graph key.
+The work, each step a pure function per partition:
+1. `dask.bag.read_text` splits every NDJSON file into blocks (`blocksize` bytes), local or any
+   fsspec URL;
+2. each block's lines are attributed to a patient (`service.screening.ndjson`) and become a
+   pandas frame (patient, how, line, order); what cannot be attributed is counted in the
+   block's `ReadReport`, which travels beside the frame, not through the shuffle;
+3. Dask's peer-to-peer shuffle (`DataFrame.shuffle(on="patient", shuffle_method="p2p")`) brings
+   each patient's lines into one output partition. Workers send each other shards as they are
+   cut and write the shards they receive to their local directory, so no process holds the
+   export: a worker's memory follows the block size and the P2P buffers, not N;
+4. each output partition's patients become cases, screened with the rule set, which the client
+   loaded and checked once and ships to every worker as one graph key.
 The cluster is injected: `screen_export` takes a `distributed.Client`.
+
+The P2P shuffle needs the distributed scheduler (any `Client` here), pandas and pyarrow on
+every worker, and room in each worker's local directory (`--local-directory` of `dask worker`,
+else the system's temporary folder) for its share of the export. It runs on thread workers too,
+so `memory://` input (an in-process LocalCluster) takes the same path: no fallback is needed.
 """
 from __future__ import annotations
 
@@ -22,7 +30,15 @@ import msgspec
 from .core import ENGINE_TYPES, Tally, screen_case
 from .ndjson import ReadReport, place_group, read_lines
 
-DEFAULT_BLOCKSIZE = 32 * 2**20  # bytes of NDJSON per input partition
+# Bytes of NDJSON per input partition. Parsing a block and cutting it into shards costs several
+# times its size for a moment; at 32 MiB those peaks also left a worker's heap fragmented and
+# growing with N (docs/performance.md), at 8 MiB they do not.
+DEFAULT_BLOCKSIZE = 8 * 2**20
+COLUMNS = ("patient", "how", "line", "order")
+# The LocalCluster's P2P buffers, per worker. Dask's defaults (up to 1 GiB of outgoing shards)
+# alone would allow a worker past the 1 GB target; a few blocks' worth keeps the shuffle streaming.
+P2P_COMM_BUFFER = "32MiB"
+P2P_STORAGE_BUFFER = "32MiB"
 
 
 class ScreenError(Exception):
@@ -54,43 +70,70 @@ def input_urls(source: str) -> str | list[str]:
     return [fs.unstrip_protocol(p) for p in files]
 
 
-def _parse_block(lines, path: str):
-    """One block's lines -> ("line", patient, how, bytes)..., then ("report", ReadReport)."""
+def _empty_frame():
+    import pandas as pd
+
+    columns = {name: pd.Series([], dtype="str") for name in COLUMNS[:3]}
+    return pd.DataFrame({**columns, "order": pd.Series([], dtype="int64")})
+
+
+def _parse_block(items, block: int):
+    """Block number `block`'s (line, path) items -> (frame of attributed lines, ReadReport of the rest).
+
+    `order` is the line's place in the export (block, then line), so that a patient's resources
+    are screened in the export's order whatever order the shuffle delivered them in.
+    """
+    import pandas as pd
+
+    items = list(items)  # a bag partition may be an iterator
+    path = next((p for _, p in items), "")  # include_path: one path per block
     report = ReadReport()
-    out: list[tuple] = [("line", patient, how, line) for patient, how, line in read_lines(lines, path, report, ENGINE_TYPES, numbered=False)]
-    out.append(("report", report))
-    return out
+    patients, hows, lines = [], [], []
+    for patient, how, line in read_lines((line for line, _ in items), path, report, ENGINE_TYPES, numbered=False):
+        patients.append(patient)
+        hows.append(how)
+        lines.append(line.decode())
+    if not lines:
+        return _empty_frame(), report
+    frame = pd.DataFrame({"patient": patients, "how": hows, "line": lines}, dtype="str")
+    frame["order"] = pd.Series(range(len(lines)), dtype="int64") + (block << 32)
+    return frame, report
 
 
-def _screen_groups(groups, ruleset, now: datetime | None, fallback: datetime):
-    """One shuffled partition of (patient, [items]) -> [(Tally, ReadReport)]."""
+def _screen_frame(frame, ruleset, now: datetime | None, fallback: datetime):
+    """One shuffled partition (every line of the patients hashed to it) -> (Tally, ReadReport)."""
     from service.harness import Case
     from service.patient.lazy import RawResource
 
+    frame = frame.sort_values("order")
+    groups: dict[str, list[tuple[str, bytes]]] = {}
+    for patient, how, line in zip(frame["patient"].tolist(), frame["how"].tolist(), frame["line"].tolist()):
+        groups.setdefault(patient, []).append((how, line.encode()))
     tally, report = Tally(), ReadReport()
-    for patient, items in groups:
-        lines = place_group(patient, [(how, line) for _, _, how, line in items], report)
+    for patient, items in groups.items():
+        lines = place_group(patient, items, report)
         if lines:
             case = Case(patient, patient, [RawResource(msgspec.Raw(line)) for line in lines], None, None, "bulk export", attributed=True)
             screen_case(ruleset, case, now or fallback, tally)
-    return [(tally, report)]
+    return tally, report
 
 
 def build(source: str | list[str], ruleset, now: datetime | None, fallback: datetime, blocksize: int = DEFAULT_BLOCKSIZE):
-    """The screening graph: (read reports bag, screened bag, partition count). Nothing runs yet."""
+    """The screening graph: ([ReadReport per block], [(Tally, ReadReport) per output partition]), as delayed objects."""
     import dask
     import dask.bag as db
+    import dask.dataframe as dd
 
     blocks = db.read_text(source, blocksize=blocksize, include_path=True, encoding="utf-8")
-    # include_path gives (line, path) items; one path per block.
-    parsed = blocks.map_partitions(lambda items: _parse_block((line for line, _ in items), next((p for _, p in items), "")))
-    reports = parsed.filter(lambda item: item[0] == "report").map(lambda item: item[1])
-    lines = parsed.filter(lambda item: item[0] == "line")
+    parse = dask.delayed(_parse_block, nout=2, pure=True)
+    parsed = [parse(block, number) for number, block in enumerate(blocks.to_delayed())]
+    frames = dd.from_delayed([frame for frame, _ in parsed], meta=_empty_frame(), verify_meta=False)
     partitions = max(1, blocks.npartitions)
-    grouped = lines.groupby(lambda item: item[1], npartitions=partitions, shuffle="tasks")
+    shuffled = frames.shuffle(on="patient", npartitions=partitions, shuffle_method="p2p")
     rules = dask.delayed(ruleset, traverse=False)
-    screened = grouped.map_partitions(_screen_groups, rules, now, fallback)
-    return reports, screened, partitions
+    screen = dask.delayed(_screen_frame, pure=True)
+    screened = [screen(part, rules, now, fallback) for part in shuffled.to_delayed()]
+    return [report for _, report in parsed], screened
 
 
 def screen_export(client, source: str | list[str], ruleset, now: datetime | None, bar=None, time_limit: float | None = None,
@@ -99,36 +142,39 @@ def screen_export(client, source: str | list[str], ruleset, now: datetime | None
     from distributed import as_completed
 
     fallback = datetime.now().astimezone()
-    reports, screened, partitions = build(source, ruleset, now, fallback, blocksize)
-    # Unoptimised, so both collections share the parse tasks instead of each fusing its own copy.
-    report_parts = reports.to_delayed(optimize_graph=False)
-    screen_parts = screened.to_delayed(optimize_graph=False)
+    report_parts, screen_parts = build(source, ruleset, now, fallback, blocksize)
     futures = client.compute(report_parts + screen_parts)
+    position = {future.key: i for i, future in enumerate(futures)}
+    results: list = [None] * len(futures)
     if bar is not None:
         bar.reset(total=len(futures))
     deadline = time.monotonic() + time_limit if time_limit else None
+    # as_completed holds each future only until it yields it with its result: the client takes
+    # every result as soon as it is ready, so flagged rows do not pile up in worker memory.
+    pending = as_completed(futures, timeout=time_limit, with_results=True)
+    del futures
     try:
-        for _ in as_completed(futures, timeout=time_limit):
+        for future, result in pending:
+            results[position[future.key]] = result
             if bar is not None:
                 bar.update(1)
             if deadline is not None and time.monotonic() > deadline:
                 raise ScreenError(f"the run took longer than the time limit ({time_limit:g} s)")
-        results = client.gather(futures)
     except TimeoutError:
         raise ScreenError(f"the run took longer than the time limit ({time_limit:g} s)") from None
     finally:
-        client.cancel(futures)
+        left = list(pending.futures)
+        if left:
+            client.cancel(left)
     report, tally = ReadReport(), Tally()
-    for part in results[: len(report_parts)]:
-        for partial in part:
-            report.merge(partial)
-    for part in results[len(report_parts) :]:
-        for partial_tally, partial_report in part:
-            tally.merge(partial_tally)
-            report.merge(partial_report)
+    for partial in results[: len(report_parts)]:
+        report.merge(partial)
+    for partial_tally, partial_report in results[len(report_parts) :]:
+        tally.merge(partial_tally)
+        report.merge(partial_report)
     for kind, count in tally.invalid.items():
         report.skipped[f"invalid {kind}"] += count
-    return DaskResult(tally, report, partitions, peak_worker_memory(client))
+    return DaskResult(tally, report, len(report_parts), peak_worker_memory(client))
 
 
 def _peak_rss_mb() -> float:
@@ -152,10 +198,10 @@ def connect(address: str | None, workers: int, in_process: bool = False, timeout
 
     `in_process` runs the LocalCluster's workers as threads of this process (needed for
     `memory://` input, whose files exist only in this process). `memory_limit` is per worker:
-    past 60% of it a worker spills held partitions to disk, past 80% it pauses. The task
-    shuffle holds every split of the export somewhere in the cluster until the groups are
-    complete, so spilling, not the partition size alone, is what keeps a worker's memory
-    from growing with the export. A worker is never killed for memory: a slow run beats a lost one.
+    past 60% of it a worker spills held results to disk. The P2P shuffle keeps its shards on
+    disk itself, outside that budget, and its buffers are sized here so that a worker stays well
+    under it. A worker is never paused or killed for memory: a slow run beats a stuck or lost one.
+    A cluster at `address` keeps its own configuration (P2P buffers, memory limits, profiler).
     """
     import dask
     from distributed import Client, LocalCluster
@@ -167,7 +213,21 @@ def connect(address: str | None, workers: int, in_process: bool = False, timeout
             raise ScreenError(f"cannot reach the Dask scheduler at {address} within {timeout:g} s ({exc})") from None
     # Worker processes talk over TCP on loopback only; thread workers use in-process comms, no socket at all.
     where = {} if in_process else {"host": "127.0.0.1"}
-    with dask.config.set({"distributed.worker.memory.terminate": False}):
+    settings = {
+        "distributed.worker.memory.terminate": False,
+        "distributed.p2p.comm.buffer": P2P_COMM_BUFFER,
+        "distributed.p2p.storage.buffer": P2P_STORAGE_BUFFER,
+        # One block in flight per worker thread (Dask's default, 1.1, reads a second one ahead).
+        "distributed.scheduler.worker-saturation": 1.0,
+        # A paused worker runs no task, so a P2P transfer whose memory is not spillable would wait forever.
+        "distributed.worker.memory.pause": False,
+        # The statistical profiler keeps a profile per second of the run (up to 1,000): memory that
+        # grows with N, for a dashboard nobody opens on the embedded cluster.
+        "distributed.worker.profile.enabled": False,
+        # pyarrow's default pool (mimalloc) keeps what P2P's tables freed; the system one returns it.
+        "distributed.nanny.pre-spawn-environ.ARROW_DEFAULT_MEMORY_POOL": "system",
+    }
+    with dask.config.set(settings):  # worker processes get this configuration from their nanny
         cluster = LocalCluster(
             # The scheduler always serves HTTP (health, metrics); a free loopback port, never a fixed one.
             n_workers=workers, threads_per_worker=1, processes=not in_process, dashboard_address="127.0.0.1:0",
