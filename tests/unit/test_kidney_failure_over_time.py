@@ -45,6 +45,17 @@ def test_two_egfrs_under_15_at_least_90_days_apart_are_chronic_kidney_failure():
     assert "90 days apart" in chronic.notes[-1]
 
 
+def test_chronic_kidney_failure_cites_the_first_low_egfr_far_enough_back_and_reads_no_older_one():
+    # 10 and 120 days ago already span 90 days: the card shows those two; the result from
+    # 300 days ago cannot change the answer and is never loaded.
+    oldest = egfr(10, 300, rid="egfr-300")
+    _, chronic, _ = kidney_failure(record(egfrs=[egfr(11, 10, rid="egfr-10"), egfr(12, 120, rid="egfr-120"), oldest]))
+    assert chronic.value is True
+    assert "110 days apart" in chronic.notes[-1]
+    assert [e.reference for e in chronic.evidence] == ["Observation/egfr-10", "Observation/egfr-120"]
+    assert oldest.load_count == []
+
+
 def test_two_low_egfrs_89_days_apart_are_not_yet_chronic():
     assert kidney_failure(record(egfrs=[egfr(11, 10), egfr(10, 99)]))[0] is None
 
