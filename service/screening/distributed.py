@@ -118,8 +118,11 @@ def _screen_frame(frame, ruleset, now: datetime | None, fallback: datetime):
     return tally, report
 
 
-def build(source: str | list[str], ruleset, now: datetime | None, fallback: datetime, blocksize: int = DEFAULT_BLOCKSIZE):
-    """The screening graph: ([ReadReport per block], [(Tally, ReadReport) per output partition]), as delayed objects."""
+def build(source: str | list[str], rules, now: datetime | None, fallback: datetime, blocksize: int = DEFAULT_BLOCKSIZE):
+    """The screening graph: ([ReadReport per block], [(Tally, ReadReport) per output partition]), as delayed objects.
+
+    `rules` is the rule set as a Future already held by every worker (`Client.scatter`).
+    """
     import dask
     import dask.bag as db
     import dask.dataframe as dd
@@ -130,7 +133,6 @@ def build(source: str | list[str], ruleset, now: datetime | None, fallback: date
     frames = dd.from_delayed([frame for frame, _ in parsed], meta=_empty_frame(), verify_meta=False)
     partitions = max(1, blocks.npartitions)
     shuffled = frames.shuffle(on="patient", npartitions=partitions, shuffle_method="p2p")
-    rules = dask.delayed(ruleset, traverse=False)
     screen = dask.delayed(_screen_frame, pure=True)
     screened = [screen(part, rules, now, fallback) for part in shuffled.to_delayed()]
     return [report for _, report in parsed], screened
@@ -142,7 +144,11 @@ def screen_export(client, source: str | list[str], ruleset, now: datetime | None
     from distributed import as_completed
 
     fallback = datetime.now().astimezone()
-    report_parts, screen_parts = build(source, ruleset, now, fallback, blocksize)
+    # The rule set goes to every worker before the graph does. As a task of the graph it would be
+    # a root task, which the scheduler holds back while a worker is busy: after the shuffle's
+    # barrier it then waited for every partition to be unpacked, and the worker held them all.
+    rules = client.scatter(ruleset, broadcast=True, hash=False)
+    report_parts, screen_parts = build(source, rules, now, fallback, blocksize)
     futures = client.compute(report_parts + screen_parts)
     position = {future.key: i for i, future in enumerate(futures)}
     results: list = [None] * len(futures)

@@ -146,6 +146,45 @@ def test_the_process_pool_a_local_cluster_and_an_external_dask_cluster_flag_the_
     assert loaded["external"]["peak_worker_rss_mb"] and all(0 < mb < 1024 for mb in loaded["external"]["peak_worker_rss_mb"].values())
 
 
+def test_a_worker_screens_each_shuffled_partition_soon_after_unpacking_it(tmp_path):
+    """Memory per worker stays flat as N grows only if a worker does not unpack every partition first.
+
+    After the shuffle's barrier all of a worker's partitions can be unpacked at once; a worker
+    that unpacks them all before screening any holds its whole share of the export.
+    """
+    from datetime import datetime
+
+    from distributed import get_task_stream
+
+    from service.console import load_rules
+    from service.screening.distributed import connect, input_urls, screen_export
+
+    export = write_bulk_export(tmp_path / "export", 1500, seed=6)
+    client, cluster = connect(None, 1)
+    try:
+        with get_task_stream(client) as stream:
+            result = screen_export(client, input_urls(str(export.folder)), load_rules(str(PROJECT_ROOT / "rules")),
+                                   datetime.fromisoformat(NOW), blocksize=32768)
+    finally:
+        client.close()
+        cluster.close()
+    assert result.tally.screened == 1500 and result.partitions > 40
+
+    def started(task) -> float:
+        return min(s["start"] for s in task["startstops"] if s["action"] == "compute")
+
+    waiting, most_waiting, unpacked, screened = 0, 0, 0, 0
+    for task in sorted((t for t in stream.data if any(s["action"] == "compute" for s in t["startstops"])), key=started):
+        name = str(task["key"][0] if isinstance(task["key"], tuple) else task["key"])
+        if name.startswith("p2pshuffle-"):
+            waiting, unpacked = waiting + 1, unpacked + 1
+        elif name.startswith("_screen_frame-"):
+            waiting, screened = waiting - 1, screened + 1
+        most_waiting = max(most_waiting, waiting)
+    assert unpacked == screened == result.partitions
+    assert most_waiting <= 8, f"{most_waiting} of {unpacked} partitions were unpacked before being screened"
+
+
 def test_a_synthea_style_export_with_urn_uuid_references_screens_from_memory_and_writes_memory(tmp_path, capsys):
     import fsspec
 
