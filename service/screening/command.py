@@ -15,7 +15,7 @@ from pathlib import Path
 
 from service.console import load_rules, parse_when
 
-from .output import Summary, output_format, write_rows
+from .output import FlaggedRows, Summary, output_format, write_rows
 
 EPILOG = """\
 engines:
@@ -135,26 +135,26 @@ def main(argv: list[str] | None = None, prog: str = "screen") -> int:
         export_failed = code != 0
         sources = [str(folder)]
 
-    started = time.perf_counter()
-    if args.engine == "processes":
-        result = _run_pool(args, ruleset, sources, now)
-    else:
-        result = _run_dask(args, ruleset, sources, now)
-    if isinstance(result, int):
-        return result
-    tally, report, engine, workers, extra = result
-    wall = time.perf_counter() - started
+    from .core import value_columns
 
-    from .core import flagged_per_rule, value_columns
-
-    try:
-        write_rows(args.out, tally.rows, value_columns(ruleset))
-    except OSError as exc:
-        print(f"{prog}: cannot write {args.out}: {exc}", file=sys.stderr)
-        return 2
+    with FlaggedRows() as flagged:
+        started = time.perf_counter()
+        if args.engine == "processes":
+            result = _run_pool(args, ruleset, sources, now, flagged)
+        else:
+            result = _run_dask(args, ruleset, sources, now, flagged)
+        if isinstance(result, int):
+            return result
+        tally, report, engine, workers, extra = result
+        wall = time.perf_counter() - started
+        try:
+            write_rows(args.out, flagged.in_order(), value_columns(ruleset))
+        except OSError as exc:
+            print(f"{prog}: cannot write {args.out}: {exc}", file=sys.stderr)
+            return 2
     summary = Summary(
         engine=engine, workers=workers, fingerprint=ruleset.fingerprint, screened=tally.screened,
-        flagged=len(tally.rows), by_rule=flagged_per_rule(ruleset, tally.rows), read=report.to_json(),
+        flagged=flagged.count, by_rule=flagged.per_rule(ruleset), read=report.to_json(),
         errors=len(tally.errors), wall_seconds=wall, output=args.out, source=" ".join(args.sources) or args.from_fhir, extra=extra,
     )
     summary.print()
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None, prog: str = "screen") -> int:
     return 1 if export_failed else 0
 
 
-def _run_pool(args, ruleset, sources: list[str], now: datetime | None):
+def _run_pool(args, ruleset, sources: list[str], now: datetime | None, flagged: FlaggedRows):
     from service.harness import InputError, load_cases
 
     from .core import ENGINE_TYPES
@@ -197,10 +197,12 @@ def _run_pool(args, ruleset, sources: list[str], now: datetime | None):
         bar.close()
     for kind, count in tally.invalid.items():
         report.skipped[f"invalid {kind}"] += count
+    flagged.add(tally.rows)
+    tally.rows = []
     return tally, report, "processes", used, {}
 
 
-def _run_dask(args, ruleset, sources: list[str], now: datetime | None):
+def _run_dask(args, ruleset, sources: list[str], now: datetime | None, flagged: FlaggedRows):
     from .distributed import DEFAULT_BLOCKSIZE, ScreenError, connect, input_urls, screen_export
 
     address = args.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
@@ -223,7 +225,7 @@ def _run_dask(args, ruleset, sources: list[str], now: datetime | None):
 
         tally, report, peaks, partitions = Tally(), ReadReport(), {}, 0
         for source in urls:
-            result = screen_export(client, source, ruleset, now, bar, args.time_limit, args.blocksize or DEFAULT_BLOCKSIZE)
+            result = screen_export(client, source, ruleset, now, bar, args.time_limit, args.blocksize or DEFAULT_BLOCKSIZE, flagged)
             tally.merge(result.tally)
             report.merge(result.report)
             partitions += result.partitions

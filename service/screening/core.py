@@ -72,8 +72,3 @@ def value_columns(ruleset) -> list[str]:
     for rule in ruleset.rules:
         columns += [name for name in rule.facts_read if name not in columns]
     return columns
-
-
-def flagged_per_rule(ruleset, rows: list[dict]) -> dict[str, int]:
-    counts = Counter(rule for row in rows for rule in row["rules"])
-    return {rule.id: counts[rule.id] for rule in ruleset.rules if counts[rule.id]}

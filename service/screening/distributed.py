@@ -11,7 +11,8 @@ The work, each step a pure function per partition:
    cut and write the shards they receive to their local directory, so no process holds the
    export: a worker's memory follows the block size and the P2P buffers, not N;
 4. each output partition's patients become cases, screened with the rule set, which the client
-   loaded and checked once and ships to every worker as one graph key.
+   loaded and checked once and scattered to every worker before the graph: a worker then screens
+   each partition as soon as it has unpacked it, and holds only a few unpacked at a time.
 The cluster is injected: `screen_export` takes a `distributed.Client`.
 
 The P2P shuffle needs the distributed scheduler (any `Client` here), pandas and pyarrow on
@@ -139,8 +140,12 @@ def build(source: str | list[str], rules, now: datetime | None, fallback: dateti
 
 
 def screen_export(client, source: str | list[str], ruleset, now: datetime | None, bar=None, time_limit: float | None = None,
-                  blocksize: int = DEFAULT_BLOCKSIZE) -> DaskResult:
-    """Run the screening graph on `client`'s cluster over `source` (see `input_urls`); `bar` advances per partition."""
+                  blocksize: int = DEFAULT_BLOCKSIZE, rows=None) -> DaskResult:
+    """Run the screening graph on `client`'s cluster over `source` (see `input_urls`); `bar` advances per partition.
+
+    `rows` (a `FlaggedRows`) takes each partition's flagged rows as it finishes, so this process
+    does not hold them all; without it they are in the result's tally.
+    """
     from distributed import as_completed
 
     fallback = datetime.now().astimezone()
@@ -161,6 +166,9 @@ def screen_export(client, source: str | list[str], ruleset, now: datetime | None
     del futures
     try:
         for future, result in pending:
+            if rows is not None and isinstance(result, tuple):  # a screened partition: (Tally, ReadReport)
+                rows.add(result[0].rows)
+                result[0].rows = []
             results[position[future.key]] = result
             if bar is not None:
                 bar.update(1)

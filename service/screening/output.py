@@ -7,11 +7,16 @@ shape: {"patient", "rules": [...], "values": {fact: {"value", "date"}}}.
 from __future__ import annotations
 
 import csv
-import io
+import heapq
 import json
+import shutil
 import sys
+import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import msgspec
 
 FORMATS = {".csv": "csv", ".ndjson": "ndjson", ".jsonl": "ndjson", ".parquet": "parquet"}
 
@@ -44,9 +49,82 @@ def _open(target: str, mode: str):
     return path.open(mode, **({"newline": "", "encoding": "utf-8"} if "b" not in mode else {}))
 
 
-def write_rows(target: str, rows: list[dict], columns: list[str]) -> None:
+# Rows per Parquet row group, and the most rows `FlaggedRows` holds before it writes a sorted run to disk.
+PARQUET_BATCH = 10_000
+SPILL_ROWS = 20_000
+
+
+def _patient(row: dict) -> str:
+    return row["patient"]
+
+
+class FlaggedRows:
+    """Flagged rows as partitions finish, handed back in patient order with bounded memory.
+
+    A population's flagged rows grow with it (a third of a synthetic export is flagged), so the
+    process that writes the output must not hold them all. Up to `spill_rows` rows are kept in
+    memory; past that each batch is sorted and written to a temporary file (a run), and
+    `in_order` merges the runs. The output is the same file whatever order workers finished in.
+    Use as a context manager: the temporary files go when it closes.
+    """
+
+    def __init__(self, spill_rows: int = SPILL_ROWS):
+        self.spill_rows = spill_rows
+        self.count = 0
+        self.by_rule: Counter = Counter()
+        self._rows: list[dict] = []
+        self._runs: list[Path] = []
+        self._folder: Path | None = None
+
+    def add(self, rows: list[dict]) -> None:
+        for row in rows:
+            self.by_rule.update(row["rules"])
+        self.count += len(rows)
+        self._rows += rows
+        if len(self._rows) >= self.spill_rows:
+            self._spill()
+
+    def _spill(self) -> None:
+        if self._folder is None:
+            self._folder = Path(tempfile.mkdtemp(prefix="screen-rows-"))
+        run = self._folder / f"run-{len(self._runs):05d}.ndjson"
+        encode = msgspec.json.Encoder().encode
+        with run.open("wb") as handle:
+            handle.writelines(encode(row) + b"\n" for row in sorted(self._rows, key=_patient))
+        self._runs.append(run)
+        self._rows = []
+
+    def in_order(self):
+        """Every row, sorted by patient id: a merge of the runs on disk and the rows still held."""
+        decode = msgspec.json.Decoder(dict).decode
+        handles = [run.open("rb") for run in self._runs]
+        try:
+            streams = [(decode(line) for line in handle) for handle in handles]
+            yield from heapq.merge(*streams, sorted(self._rows, key=_patient), key=_patient)
+        finally:
+            for handle in handles:
+                handle.close()
+
+    def per_rule(self, ruleset) -> dict[str, int]:
+        """Patients flagged per rule, in the rule set's order."""
+        return {rule.id: self.by_rule[rule.id] for rule in ruleset.rules if self.by_rule[rule.id]}
+
+    def close(self) -> None:
+        self._rows = []
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder, self._runs = None, []
+
+    def __enter__(self) -> FlaggedRows:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def write_rows(target: str, rows, columns: list[str]) -> None:
+    """Write `rows`, already in the order wanted (`FlaggedRows.in_order`), streaming: no format holds them all."""
     kind = output_format(target)
-    rows = sorted(rows, key=lambda r: r["patient"])  # the same file whatever order workers finished in
     if kind == "csv":
         with _open(target, "w") as handle:
             writer = csv.writer(handle)
@@ -57,15 +135,25 @@ def write_rows(target: str, rows: list[dict], columns: list[str]) -> None:
         import pyarrow.parquet as pq
 
         names = flat_columns(columns)
-        data = {name: [] for name in names}
-        for row in rows:
-            for name, cell in zip(names, _flat(row, columns)):
-                data[name].append(cell)
-        table = pa.table({name: pa.array(values, type=pa.string()) for name, values in data.items()})
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer)
-        with _open(target, "wb") as handle:
-            handle.write(buffer.getvalue())
+        schema = pa.schema([(name, pa.string()) for name in names])
+
+        def batches():
+            batch: list[list[str | None]] = []
+            for row in rows:
+                batch.append(_flat(row, columns))
+                if len(batch) == PARQUET_BATCH:
+                    yield batch
+                    batch = []
+            if batch:
+                yield batch
+
+        with _open(target, "wb") as handle, pq.ParquetWriter(handle, schema) as writer:
+            wrote = False
+            for batch in batches():
+                writer.write_table(pa.table({name: [cells[i] for cells in batch] for i, name in enumerate(names)}, schema=schema))
+                wrote = True
+            if not wrote:  # a file with the columns and no rows, as before
+                writer.write_table(schema.empty_table())
     else:
         with _open(target, "w") as handle:
             for row in rows:
