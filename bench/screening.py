@@ -63,6 +63,7 @@ def run_one(export: Path, out_dir: Path, engine: str, workers: int, timeout: flo
         flagged = {r["patient"]: tuple(r["rules"].split()) for r in csv.DictReader(handle)}
     start_up = body.get("cluster_start_seconds", 0.0)
     screened = body["patients_screened"]
+    cpu = usage.ru_utime + usage.ru_stime
     return {
         "engine": engine, "workers": workers, "patients": screened, "process_seconds": round(elapsed, 1),
         "wall_seconds": body["wall_seconds"], "cluster_start_seconds": start_up,
@@ -71,8 +72,8 @@ def run_one(export: Path, out_dir: Path, engine: str, workers: int, timeout: flo
         "largest_process_peak_mb": round(usage.ru_maxrss / 1024, 1),
         # wait4 counts the child's CPU time and that of every descendant it waited for (pool
         # workers, Dask's nannies and their workers, the scheduler's thread): the whole run's cost.
-        "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
-        "patients_per_cpu_second": round(screened / max(1e-9, usage.ru_utime + usage.ru_stime), 1),
+        "cpu_seconds": round(cpu, 1),
+        "patients_per_cpu_second": round(screened / max(1e-9, cpu), 1),
         "worker_peak_mb": body.get("peak_worker_rss_mb") or {},
         "flagged": flagged,
     }

@@ -197,8 +197,7 @@ def _run_pool(args, ruleset, sources: list[str], now: datetime | None, flagged: 
         bar.close()
     for kind, count in tally.invalid.items():
         report.skipped[f"invalid {kind}"] += count
-    flagged.add(tally.rows)
-    tally.rows = []
+    flagged.take(tally)
     return tally, report, "processes", used, {}
 
 

@@ -166,10 +166,10 @@ def screen_export(client, source: str | list[str], ruleset, now: datetime | None
     del futures
     try:
         for future, result in pending:
-            if rows is not None and isinstance(result, tuple):  # a screened partition: (Tally, ReadReport)
-                rows.add(result[0].rows)
-                result[0].rows = []
-            results[position[future.key]] = result
+            place = position[future.key]
+            if rows is not None and place >= len(report_parts):  # a screened partition: (Tally, ReadReport)
+                rows.take(result[0])
+            results[place] = result
             if bar is not None:
                 bar.update(1)
             if deadline is not None and time.monotonic() > deadline:

@@ -84,6 +84,11 @@ class FlaggedRows:
         if len(self._rows) >= self.spill_rows:
             self._spill()
 
+    def take(self, tally) -> None:
+        """Move a `Tally`'s rows here: the tally keeps its counts, this holds (or spills) the rows."""
+        self.add(tally.rows)
+        tally.rows = []
+
     def _spill(self) -> None:
         if self._folder is None:
             self._folder = Path(tempfile.mkdtemp(prefix="screen-rows-"))

@@ -77,3 +77,13 @@ def test_ndjson_keeps_each_rows_shape(tmp_path):
         write_rows(str(tmp_path / "flagged.ndjson"), flagged.in_order(), COLUMNS)
     lines = [json.loads(line) for line in (tmp_path / "flagged.ndjson").read_text(encoding="utf-8").splitlines()]
     assert lines == [row(n) for n in range(30)]
+
+
+def test_taking_a_tallys_rows_leaves_its_counts_and_holds_no_second_copy():
+    from service.screening.core import Tally
+
+    tally = Tally(screened=5, rows=[row(1), row(0)])
+    with FlaggedRows() as flagged:
+        flagged.take(tally)
+        assert tally.rows == [] and tally.screened == 5
+        assert [r["patient"] for r in flagged.in_order()] == ["p000000", "p000001"]
