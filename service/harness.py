@@ -26,7 +26,7 @@ from service.engine.evaluate import Evaluation, evaluate
 from service.engine.model import RuleSet
 from service.patient.dates import parse_datetime
 from service.patient.record import PatientRecord, patient_aliases, referenced_patient, resources_in
-from service.screening.ndjson import ReadReport, place_group, read_lines
+from service.screening.ndjson import ReadReport, place_group, read_lines, resource_of
 
 
 class InputError(Exception):
@@ -214,7 +214,7 @@ def bulk_cases(files: list[Path], report: ReadReport | None = None, *, lenient: 
     for patient_id in sorted(by_patient):
         lines = place_group(patient_id, by_patient[patient_id], report)
         if lines:
-            yield Case(patient_id, patient_id, [orjson.loads(line) for line in lines], None, None, "bulk export", attributed=True)
+            yield Case(patient_id, patient_id, [resource_of(line) for line in lines], None, None, "bulk export", attributed=True)
 
 
 def _strict(lines, report: ReadReport, lenient: bool):

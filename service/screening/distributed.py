@@ -1,11 +1,12 @@
 """Screen a Bulk NDJSON export on Dask (`dask.distributed`): a LocalCluster or an existing scheduler.
 
 The work, each step a pure function per partition:
-1. `dask.bag.read_text` splits every NDJSON file into blocks (`blocksize` bytes), local or any
-   fsspec URL;
+1. `dask.bytes.read_bytes` splits every NDJSON file into blocks of whole lines (`blocksize`
+   bytes), local or any fsspec URL;
 2. each block's lines are attributed to a patient (`service.screening.ndjson`) and become a
-   pandas frame (patient, how, line, order); what cannot be attributed is counted in the
-   block's `ReadReport`, which travels beside the frame, not through the shuffle;
+   pandas frame (patient, how, line, order), the line kept as the bytes it was read as; what
+   cannot be attributed or read (not JSON, not UTF-8) is counted in the block's `ReadReport`,
+   which travels beside the frame, not through the shuffle;
 3. Dask's peer-to-peer shuffle (`DataFrame.shuffle(on="patient", shuffle_method="p2p")`) brings
    each patient's lines into one output partition. Workers send each other shards as they are
    cut and write the shards they receive to their local directory, so no process holds the
@@ -26,10 +27,8 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
-import msgspec
-
 from .core import ENGINE_TYPES, Tally, screen_case
-from .ndjson import ReadReport, place_group, read_lines
+from .ndjson import ReadReport, place_group, read_lines, resource_of
 
 # Bytes of NDJSON per input partition. Parsing a block and cutting it into shards costs several
 # times its size for a moment; at 32 MiB those peaks also left a worker's heap fragmented and
@@ -71,32 +70,39 @@ def input_urls(source: str) -> str | list[str]:
     return [fs.unstrip_protocol(p) for p in files]
 
 
+def _line_dtype():
+    import pandas as pd
+    import pyarrow as pa
+
+    # Arrow binary: the shuffle moves the bytes as read, with no decoding to text and back.
+    return pd.ArrowDtype(pa.binary())
+
+
 def _empty_frame():
     import pandas as pd
 
-    columns = {name: pd.Series([], dtype="str") for name in COLUMNS[:3]}
-    return pd.DataFrame({**columns, "order": pd.Series([], dtype="int64")})
+    columns = {name: pd.Series([], dtype="str") for name in COLUMNS[:2]}
+    return pd.DataFrame({**columns, "line": pd.Series([], dtype=_line_dtype()), "order": pd.Series([], dtype="int64")})
 
 
-def _parse_block(items, block: int):
-    """Block number `block`'s (line, path) items -> (frame of attributed lines, ReadReport of the rest).
+def _parse_block(data: bytes, path: str, block: int):
+    """Block number `block` (whole lines of the file at `path`) -> (frame of attributed lines, ReadReport of the rest).
 
     `order` is the line's place in the export (block, then line), so that a patient's resources
     are screened in the export's order whatever order the shuffle delivered them in.
     """
     import pandas as pd
 
-    items = list(items)  # a bag partition may be an iterator
-    path = next((p for _, p in items), "")  # include_path: one path per block
     report = ReadReport()
     patients, hows, lines = [], [], []
-    for patient, how, line in read_lines((line for line, _ in items), path, report, ENGINE_TYPES, numbered=False):
+    for patient, how, line in read_lines(data.split(b"\n"), path, report, ENGINE_TYPES, numbered=False):
         patients.append(patient)
         hows.append(how)
-        lines.append(line.decode())
+        lines.append(line)
     if not lines:
         return _empty_frame(), report
-    frame = pd.DataFrame({"patient": patients, "how": hows, "line": lines}, dtype="str")
+    frame = pd.DataFrame({"patient": patients, "how": hows}, dtype="str")
+    frame["line"] = pd.Series(lines, dtype=_line_dtype())
     frame["order"] = pd.Series(range(len(lines)), dtype="int64") + (block << 32)
     return frame, report
 
@@ -104,17 +110,18 @@ def _parse_block(items, block: int):
 def _screen_frame(frame, ruleset, now: datetime | None, fallback: datetime):
     """One shuffled partition (every line of the patients hashed to it) -> (Tally, ReadReport)."""
     from service.harness import Case
-    from service.patient.lazy import RawResource
 
     frame = frame.sort_values("order")
     groups: dict[str, list[tuple[str, bytes]]] = {}
     for patient, how, line in zip(frame["patient"].tolist(), frame["how"].tolist(), frame["line"].tolist()):
-        groups.setdefault(patient, []).append((how, line.encode()))
+        groups.setdefault(patient, []).append((how, line))
     tally, report = Tally(), ReadReport()
     for patient, items in groups.items():
         lines = place_group(patient, items, report)
         if lines:
-            case = Case(patient, patient, [RawResource(msgspec.Raw(line)) for line in lines], None, None, "bulk export", attributed=True)
+            # Decoded whole, as the process pool does: one orjson pass per line cost ~10% less CPU
+            # per patient than lazy msgspec decoding of what the rules read (docs/performance.md).
+            case = Case(patient, patient, [resource_of(line) for line in lines], None, None, "bulk export", attributed=True)
             screen_case(ruleset, case, now or fallback, tally)
     return tally, report
 
@@ -125,14 +132,18 @@ def build(source: str | list[str], rules, now: datetime | None, fallback: dateti
     `rules` is the rule set as a Future already held by every worker (`Client.scatter`).
     """
     import dask
-    import dask.bag as db
     import dask.dataframe as dd
+    from dask.bytes import read_bytes
 
-    blocks = db.read_text(source, blocksize=blocksize, include_path=True, encoding="utf-8")
+    _, blocks, paths = read_bytes(source, delimiter=b"\n", blocksize=blocksize, sample=False, include_path=True)
     parse = dask.delayed(_parse_block, nout=2, pure=True)
-    parsed = [parse(block, number) for number, block in enumerate(blocks.to_delayed())]
+    parsed = []
+    for path, file_blocks in zip(paths, blocks):
+        parsed += [parse(block, path, len(parsed) + i) for i, block in enumerate(file_blocks)]
+    if not parsed:  # only empty files
+        parsed = [parse(b"", "", 0)]
     frames = dd.from_delayed([frame for frame, _ in parsed], meta=_empty_frame(), verify_meta=False)
-    partitions = max(1, blocks.npartitions)
+    partitions = len(parsed)
     shuffled = frames.shuffle(on="patient", npartitions=partitions, shuffle_method="p2p")
     screen = dask.delayed(_screen_frame, pure=True)
     screened = [screen(part, rules, now, fallback) for part in shuffled.to_delayed()]

@@ -9,7 +9,7 @@ a patient's resources spread across files. A line is attributed to a patient by:
   Whether that Patient is in the export is known only once lines are grouped (`place_group`).
 
 Nothing is dropped silently: every line is either attributed, or counted in a `ReadReport`
-as unreadable (not JSON, not a resource), unattributable (with the reason) or skipped
+as unreadable (not UTF-8, not JSON, not a resource), unattributable (with the reason) or skipped
 (a type no rule reads).
 """
 from __future__ import annotations
@@ -19,6 +19,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import msgspec
+import orjson
+
+from service.patient.lazy import RawResource
 
 EXAMPLES = 10  # problems kept verbatim per report; the rest are only counted
 # FHIR R4 id: [A-Za-z0-9\-\.]{1,64}
@@ -93,7 +96,7 @@ class ReadReport:
         """The report in words, for a summary; nothing when every line was used."""
         out = []
         if self.unreadable:
-            out.append(f"{self.unreadable} line(s) unreadable (not a JSON resource)")
+            out.append(f"{self.unreadable} line(s) unreadable (not UTF-8, not JSON or not a resource)")
         if self.unattributable:
             reasons = "; ".join(f"{n} {reason}" for reason, n in self.unattributable.most_common())
             out.append(f"{self.unattributable_total} resource(s) unattributable to a patient: {reasons}")
@@ -116,7 +119,7 @@ def patient_in_reference(reference: str) -> tuple[str | None, str | None, str | 
     return None, None, "subject reference is not a Patient reference"
 
 
-def attribute(line: bytes) -> tuple[str | None, str | None, str | None, str | None]:
+def attribute(line: bytes | str) -> tuple[str | None, str | None, str | None, str | None]:
     """(resource type, patient id, how, problem) for one NDJSON line.
 
     `problem` is None when the line is attributed; otherwise the type is None for an
@@ -143,16 +146,22 @@ def attribute(line: bytes) -> tuple[str | None, str | None, str | None, str | No
 def read_lines(lines, where: str, report: ReadReport, keep_types: frozenset[str] | None = None, numbered: bool = True):
     """Yield (patient id, how, line) for each usable line; count the others in `report`.
 
-    `lines` are bytes or str (one resource each, blank lines ignored); `keep_types`, when
-    given, skips (and counts) resources of other types before they are grouped. Problems
-    are noted as `where:line` when `numbered` (a whole file), else as `where` (a block of one).
+    `lines` are bytes or str (one resource each, blank lines ignored) and are yielded as given;
+    `keep_types`, when given, skips (and counts) resources of other types before they are
+    grouped. Problems are noted as `where:line` when `numbered` (a whole file), else as `where`
+    (a block of one).
     """
     for number, line in enumerate(lines, 1):
-        if isinstance(line, str):
-            line = line.encode()
         if not line.strip():
             continue
         report.lines += 1
+        if isinstance(line, bytes) and not line.isascii():
+            try:  # NDJSON is UTF-8; msgspec would not look inside the strings it skips
+                line.decode()
+            except UnicodeDecodeError as exc:
+                report.unreadable += 1
+                report.note(f"{where}:{number}" if numbered else where, f"not UTF-8 (byte {exc.start})")
+                continue
         kind, patient, how, problem = attribute(line)
         if kind is None:
             report.unreadable += 1
@@ -168,7 +177,7 @@ def read_lines(lines, where: str, report: ReadReport, keep_types: frozenset[str]
         yield patient, how, line
 
 
-def place_group(patient: str, items: list[tuple[str, bytes]], report: ReadReport) -> list[bytes]:
+def place_group(patient: str, items: list[tuple[str, bytes | str]], report: ReadReport) -> list[bytes | str]:
     """A patient's lines once grouped; `urn:uuid:` lines with no such Patient are unattributable."""
     has_patient = any(how == BY_ID for how, _ in items)
     if has_patient:
@@ -180,3 +189,16 @@ def place_group(patient: str, items: list[tuple[str, bytes]], report: ReadReport
         report.unattributable[reason] += dropped
         report.note(f"urn:uuid:{patient}", reason)
     return kept
+
+
+def resource_of(line: bytes | str) -> dict | RawResource:
+    """A grouped line as a patient's record takes it: decoded in one orjson pass.
+
+    A line that is JSON but cannot be held as Python values (a number out of range such as
+    1e999, nesting deeper than orjson allows) stays raw: the record then reports that resource
+    as invalid if a rule reads it, as it does for a prefetch entry, and the run goes on.
+    """
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return RawResource(msgspec.Raw(line if isinstance(line, bytes) else line.encode()))

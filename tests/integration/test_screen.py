@@ -43,11 +43,14 @@ PROCEDURE = {"resourceType": "Procedure", "id": "skin-biopsy", "status": "comple
 
 
 def mixed_export(folder: Path, patients: int):
-    """An export whose patients use every reference style, plus stray, unreadable and unread lines."""
+    """An export whose patients use every reference style, plus stray, unreadable (truncated, not UTF-8) and unread lines."""
     export = write_bulk_export(folder, patients, seed=5, references="mixed")
     with (folder / "Observation.ndjson").open("a") as handle:
         handle.writelines(json.dumps(o) + "\n" for o in STRAY_OBSERVATIONS)
         handle.write('{"resourceType": "Observation", "id": \n')  # truncated line
+    with (folder / "Observation.ndjson").open("ab") as handle:  # a line written in Latin-1, not UTF-8
+        handle.write(json.dumps({**STRAY_OBSERVATIONS[0], "id": "latin-1", "subject": {"reference": "Patient/synth-000002"},
+                                 "note": [{"text": "\u00e9lev\u00e9"}]}, ensure_ascii=False).encode("latin-1") + b"\n")
     (folder / "Procedure.ndjson").write_text(json.dumps(PROCEDURE) + "\n")
     return export
 
@@ -140,7 +143,7 @@ def test_the_process_pool_a_local_cluster_and_an_external_dask_cluster_flag_the_
             "urn:uuid reference names no Patient in the export": 1,
             "no subject or patient reference": 1,
         }
-        assert summary["resources"]["unreadable"] == 1
+        assert summary["resources"]["unreadable"] == 2
         assert summary["resources"]["skipped_by_type"] == {"Procedure": 1}
     assert len({s["rules_fingerprint"] for s in loaded.values()}) == 1
     assert loaded["external"]["peak_worker_rss_mb"] and all(0 < mb < 1024 for mb in loaded["external"]["peak_worker_rss_mb"].values())
@@ -185,6 +188,30 @@ def test_a_worker_screens_each_shuffled_partition_soon_after_unpacking_it(tmp_pa
     # A worker may run a few unpacks ahead while the scheduler tells it which screening task is
     # ready (these partitions take milliseconds); one that unpacks its whole share first does not.
     assert most_waiting <= unpacked // 4, f"{most_waiting} of {unpacked} partitions were unpacked before being screened"
+
+
+def test_a_result_holding_a_number_out_of_range_is_reported_invalid_by_both_engines_and_the_run_goes_on(tmp_path, capsys):
+    # 1e999 is valid JSON but no number Python can hold. A calcium result carrying it (here in an
+    # extension) cannot be read; the engine skips it and reports it, and the rule uses the most
+    # recent usable calcium-phosphate pair, which for this profile still qualifies: the flagged set
+    # is the generator's. The process pool used to stop with a traceback on such a line.
+    export = write_bulk_export(tmp_path / "export", 60, seed=5)
+    patient = next(pid for pid, profile in export.profiles.items() if profile == "esrd-high-product")
+    line = json.dumps({
+        "resourceType": "Observation", "id": "calcium-out-of-range", "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "17861-6"}]}, "subject": {"reference": f"Patient/{patient}"},
+        "effectiveDateTime": "2026-10-31T08:00:00Z", "valueQuantity": {"value": 10.9, "unit": "mg/dL"},
+        "extension": [{"url": "http://example.org/fhir/StructureDefinition/x", "valueDecimal": 0}],
+    }).replace('"valueDecimal": 0', '"valueDecimal": 1e999')
+    with (export.folder / "Observation.ndjson").open("a") as handle:
+        handle.write(line + "\n")
+    for engine in ("processes", "dask"):
+        out, summary = tmp_path / f"{engine}.csv", tmp_path / f"{engine}.json"
+        assert main([str(export.folder), "--out", str(out), "--engine", engine, "--workers", "1", "--now", NOW, "--no-progress",
+                     "--summary", str(summary)]) == 0, engine
+        assert flagged_in(out) == export.flagged, engine
+        assert json.loads(summary.read_text())["resources"]["skipped_by_type"] == {"invalid Observation": 1}, engine
+    capsys.readouterr()
 
 
 def test_a_synthea_style_export_with_urn_uuid_references_screens_from_memory_and_writes_memory(tmp_path, capsys):

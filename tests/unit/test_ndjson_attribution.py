@@ -71,6 +71,15 @@ def test_unreadable_lines_are_counted_and_blank_lines_ignored():
     assert report.examples[0].startswith("Observation.ndjson:1: not a JSON resource")
 
 
+def test_a_line_that_is_not_utf8_is_unreadable_and_one_in_utf8_is_read():
+    latin1 = observation("Patient/p-1").replace(b'"status"', '"note": [{"text": "Ca\u00b2\u207a \u00e9lev\u00e9"}], "status"'.encode("latin-1", "replace"))
+    utf8 = observation("Patient/p-2").replace(b'"status"', '"note": [{"text": "Ca\u00b2\u207a \u00e9lev\u00e9"}], "status"'.encode())
+    found, report = read(latin1, utf8)
+    assert [p for p, _, _ in found] == ["p-2"]
+    assert report.unreadable == 1 and report.lines == 2
+    assert report.examples[0].startswith("Observation.ndjson:1: not UTF-8")
+
+
 def test_types_no_rule_reads_are_skipped_and_counted_when_asked():
     procedure = json.dumps({"resourceType": "Procedure", "id": "dx", "status": "completed", "subject": {"reference": "Patient/p-1"}}).encode()
     found, report = read(observation("Patient/p-1"), procedure, keep_types=frozenset({"Observation", "Patient"}))
