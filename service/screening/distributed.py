@@ -251,6 +251,14 @@ def connect(address: str | None, workers: int, in_process: bool = False, timeout
         "distributed.worker.profile.enabled": False,
         # pyarrow's default pool (mimalloc) keeps what P2P's tables freed; the system one returns it.
         "distributed.nanny.pre-spawn-environ.ARROW_DEFAULT_MEMORY_POOL": "system",
+        # Housekeeping timers of the scheduler (in this process), each nanny and each worker. At
+        # Dask's defaults (an event-loop tick every 20 ms, memory read every 100 ms) an idle
+        # 1-worker cluster used 7% of a core; at these, 1.7%. A blocked event loop is still
+        # noticed within the tick, and a worker's memory read every second.
+        "distributed.admin.tick.interval": "200ms",
+        "distributed.worker.memory.monitor-interval": "1s",
+        "distributed.admin.system-monitor.interval": "2s",
+        "distributed.deploy.cluster-repr-interval": "5s",
     }
     with dask.config.set(settings):  # worker processes get this configuration from their nanny
         cluster = LocalCluster(
