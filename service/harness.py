@@ -212,9 +212,17 @@ def bulk_cases(files: list[Path], report: ReadReport | None = None, *, lenient: 
             for patient_id, how, line in read_lines(_strict(handle, report, lenient), str(file), report, keep_types):
                 by_patient[patient_id].append((how, line))
     for patient_id in sorted(by_patient):
-        lines = place_group(patient_id, by_patient[patient_id], report)
-        if lines:
-            yield Case(patient_id, patient_id, [resource_of(line) for line in lines], None, None, "bulk export", attributed=True)
+        case = bulk_case(patient_id, by_patient[patient_id], report)
+        if case is not None:
+            yield case
+
+
+def bulk_case(patient_id: str, items: list[tuple[str, bytes]], report: ReadReport) -> Case | None:
+    """One patient's grouped Bulk lines, (how attributed, line) in export order, as a case; None if none hold."""
+    lines = place_group(patient_id, items, report)
+    if not lines:
+        return None
+    return Case(patient_id, patient_id, [resource_of(line) for line in lines], None, None, "bulk export", attributed=True)
 
 
 def _strict(lines, report: ReadReport, lenient: bool):

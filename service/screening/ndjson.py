@@ -201,4 +201,4 @@ def resource_of(line: bytes | str) -> dict | RawResource:
     try:
         return orjson.loads(line)
     except orjson.JSONDecodeError:
-        return RawResource(msgspec.Raw(line if isinstance(line, bytes) else line.encode()))
+        return RawResource(msgspec.Raw(line))
