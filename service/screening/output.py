@@ -9,9 +9,11 @@ from __future__ import annotations
 import csv
 import heapq
 import json
+import os
 import shutil
 import sys
 import tempfile
+from contextlib import contextmanager, suppress
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,15 +40,40 @@ def _flat(row: dict, columns: list[str]) -> list[str | None]:
     return cells
 
 
+class SpillError(OSError):
+    """The temporary folder could not take the flagged rows (full, gone, not writable)."""
+
+
+@contextmanager
 def _open(target: str, mode: str):
-    """A local path, or any fsspec URL (memory://, s3://...): fsspec is only needed for URLs."""
+    """Write `target` so that it is there whole or not at all: a local path or any fsspec URL.
+
+    A local file is written beside it as `.<name>.partial` and renamed over it when complete, so
+    an interrupted or failed run leaves the previous file, if any, as it was. A URL (memory://,
+    s3://...; fsspec is only needed for URLs) is written in place and removed if the write fails.
+    """
+    text = {"newline": "", "encoding": "utf-8"} if "b" not in mode else {}
     if "://" in target:
         import fsspec
 
-        return fsspec.open(target, mode, **({"newline": "", "encoding": "utf-8"} if "b" not in mode else {}))
+        try:
+            with fsspec.open(target, mode, **text) as handle:
+                yield handle
+        except BaseException:
+            with suppress(Exception):
+                fs, path = fsspec.core.url_to_fs(target)
+                fs.rm(path)
+            raise
+        return
     path = Path(target)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return path.open(mode, **({"newline": "", "encoding": "utf-8"} if "b" not in mode else {}))
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        with partial.open(mode, **text) as handle:
+            yield handle
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 # Rows per Parquet row group, and the most rows `FlaggedRows` holds before it writes a sorted run to disk.
@@ -90,12 +117,16 @@ class FlaggedRows:
         tally.rows = []
 
     def _spill(self) -> None:
-        if self._folder is None:
-            self._folder = Path(tempfile.mkdtemp(prefix="screen-rows-"))
-        run = self._folder / f"run-{len(self._runs):05d}.ndjson"
-        encode = msgspec.json.Encoder().encode
-        with run.open("wb") as handle:
-            handle.writelines(encode(row) + b"\n" for row in sorted(self._rows, key=_patient))
+        try:
+            if self._folder is None:
+                self._folder = Path(tempfile.mkdtemp(prefix="screen-rows-"))
+            run = self._folder / f"run-{len(self._runs):05d}.ndjson"
+            encode = msgspec.json.Encoder().encode
+            with run.open("wb") as handle:
+                handle.writelines(encode(row) + b"\n" for row in sorted(self._rows, key=_patient))
+        except OSError as exc:
+            where = self._folder or tempfile.gettempdir()
+            raise SpillError(f"cannot keep flagged rows in the temporary folder {where}: {exc.strerror or exc}") from None
         self._runs.append(run)
         self._rows = []
 

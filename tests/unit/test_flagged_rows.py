@@ -5,9 +5,11 @@ import csv
 import json
 import random
 
+import fsspec
 import pyarrow.parquet as pq
+import pytest
 
-from service.screening.output import PARQUET_BATCH, FlaggedRows, write_rows
+from service.screening.output import PARQUET_BATCH, FlaggedRows, SpillError, write_rows
 
 COLUMNS = ["ca_x_p", "pth"]
 
@@ -87,3 +89,41 @@ def test_taking_a_tallys_rows_leaves_its_counts_and_holds_no_second_copy():
         flagged.take(tally)
         assert tally.rows == [] and tally.screened == 5
         assert [r["patient"] for r in flagged.in_order()] == ["p000000", "p000001"]
+
+
+def test_a_temporary_folder_that_cannot_take_the_rows_is_a_named_error_not_a_traceback(tmp_path, monkeypatch):
+    not_a_folder = tmp_path / "tmp-is-a-file"
+    not_a_folder.write_text("")
+    monkeypatch.setattr("tempfile.mkdtemp", lambda prefix="": str(not_a_folder))
+    with FlaggedRows(spill_rows=10) as flagged, pytest.raises(SpillError) as caught:
+        flagged.add(partitions(20, seed=4)[0])
+    assert str(not_a_folder) in str(caught.value) and "cannot keep flagged rows" in str(caught.value)
+
+
+def rows_then_failure(count: int):
+    yield from (row(n) for n in range(count))
+    raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("name", ["flagged.csv", "flagged.ndjson", "flagged.parquet"])
+def test_a_write_that_fails_half_way_leaves_the_previous_file_as_it_was_and_no_partial_one(tmp_path, name):
+    target = tmp_path / name
+    write_rows(str(target), (row(n) for n in range(5)), COLUMNS)
+    before = target.read_bytes()
+    with pytest.raises(OSError, match="No space left"):
+        write_rows(str(target), rows_then_failure(PARQUET_BATCH + 3), COLUMNS)
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no .partial file left beside it
+
+
+def test_a_write_to_a_url_that_fails_half_way_leaves_no_file_there():
+    fs = fsspec.filesystem("memory")
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            write_rows("memory://results-fail/flagged.csv", rows_then_failure(50), COLUMNS)
+        assert not fs.exists("/results-fail/flagged.csv")
+        write_rows("memory://results-fail/flagged.csv", (row(n) for n in range(3)), COLUMNS)
+        assert fs.cat("/results-fail/flagged.csv").decode().count("\n") == 4
+    finally:
+        if fs.exists("/results-fail"):
+            fs.rm("/results-fail", recursive=True)
