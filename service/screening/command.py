@@ -15,17 +15,20 @@ from pathlib import Path
 
 from service.console import load_rules, parse_when
 
-from .output import FlaggedRows, Summary, output_format, write_rows
+from .output import FlaggedRows, SpillError, Summary, output_format, write_rows
 
 EPILOG = """\
 engines:
   dask (default)   dask.distributed: an embedded LocalCluster of --workers processes on
-                   127.0.0.1, or the cluster at --scheduler / DASK_SCHEDULER_ADDRESS.
+                   127.0.0.1 (one worker: a thread of this process), or the cluster at
+                   --scheduler / DASK_SCHEDULER_ADDRESS.
                    SOURCE is a folder or any fsspec URL (file://, memory://, s3://...).
   processes        today's single-machine process pool; SOURCE is local files or folders.
 
 exit status: 0 every patient screened; 1 a patient could not be evaluated, a broken rule
-set, or a Bulk Data export that failed; 2 bad arguments, unreadable input, or no cluster.
+set, a Bulk Data export that failed, --time-limit passed, or no room for the flagged rows in
+the temporary folder; 2 bad arguments, unreadable input, or no cluster; 130 Ctrl-C. --out is
+written whole or not at all: a run that stops leaves the previous file as it was.
 
 examples:
   screen export/ --out flagged.csv --now 2026-11-01T12:00:00Z
@@ -50,7 +53,7 @@ def parser(prog: str = "screen") -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it is shown on a terminal)")
     run = p.add_argument_group("where it runs")
     run.add_argument("--engine", choices=("dask", "processes"), default="dask", help="dask.distributed (default) or a local process pool")
-    run.add_argument("--workers", type=int, metavar="N", help="processes of the embedded LocalCluster or pool (default: the CPU count)")
+    run.add_argument("--workers", type=int, metavar="N", help="processes of the embedded LocalCluster or pool (default: the CPU count; 1 runs in this process)")
     run.add_argument("--scheduler", metavar="ADDRESS", help="an existing Dask scheduler, e.g. tcp://HOST:8786 (default: DASK_SCHEDULER_ADDRESS, else a LocalCluster)")
     run.add_argument("--blocksize", type=int, default=None, metavar="BYTES", help="NDJSON bytes per Dask partition (default 8 MiB): bounds memory per worker")
     run.add_argument("--worker-memory", default="1GiB", metavar="SIZE", help="memory per LocalCluster worker; past 60%% of it a worker spills to disk (default 1GiB)")
@@ -137,21 +140,28 @@ def main(argv: list[str] | None = None, prog: str = "screen") -> int:
 
     from .core import value_columns
 
-    with FlaggedRows() as flagged:
-        started = time.perf_counter()
-        if args.engine == "processes":
-            result = _run_pool(args, ruleset, sources, now, flagged)
-        else:
-            result = _run_dask(args, ruleset, sources, now, flagged)
-        if isinstance(result, int):
-            return result
-        tally, report, engine, workers, extra = result
-        wall = time.perf_counter() - started
-        try:
-            write_rows(args.out, flagged.in_order(), value_columns(ruleset))
-        except OSError as exc:
-            print(f"{prog}: cannot write {args.out}: {exc}", file=sys.stderr)
-            return 2
+    try:
+        with FlaggedRows() as flagged:
+            started = time.perf_counter()
+            if args.engine == "processes":
+                result = _run_pool(args, ruleset, sources, now, flagged)
+            else:
+                result = _run_dask(args, ruleset, sources, now, flagged)
+            if isinstance(result, int):
+                return result
+            tally, report, engine, workers, extra = result
+            wall = time.perf_counter() - started
+            try:
+                write_rows(args.out, flagged.in_order(), value_columns(ruleset))
+            except OSError as exc:
+                print(f"{prog}: cannot write {args.out}: {exc}", file=sys.stderr)
+                return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; nothing written to {args.out}", file=sys.stderr)
+        return 130
+    except SpillError as exc:
+        print(f"{prog}: {exc}; nothing written to {args.out}", file=sys.stderr)
+        return 1
     summary = Summary(
         engine=engine, workers=workers, fingerprint=ruleset.fingerprint, screened=tally.screened,
         flagged=flagged.count, by_rule=flagged.per_rule(ruleset), read=report.to_json(),
@@ -171,10 +181,12 @@ def main(argv: list[str] | None = None, prog: str = "screen") -> int:
 def _run_pool(args, ruleset, sources: list[str], now: datetime | None, flagged: FlaggedRows):
     from service.harness import InputError, load_cases
 
-    from .core import ENGINE_TYPES
+    from .core import ENGINE_TYPES, time_limit_error
     from .ndjson import ReadReport
     from .pool import screen_in_pool
 
+    # The time limit counts from here, reading the export included, as a Dask run's does.
+    deadline = time.monotonic() + args.time_limit if args.time_limit else None
     local = [s for s in sources if "://" not in s]
     if len(local) != len(sources):
         print("screen: --engine processes reads local files only; use --engine dask for URLs", file=sys.stderr)
@@ -192,7 +204,12 @@ def _run_pool(args, ruleset, sources: list[str], now: datetime | None, flagged: 
     bar = _progress(args, "screening", "patient")
     bar.reset(total=len(cases))
     try:
-        tally, used = screen_in_pool(ruleset, cases, now, datetime.now().astimezone(), workers, bar)
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError
+        tally, used = screen_in_pool(ruleset, cases, now, datetime.now().astimezone(), workers, bar, deadline)
+    except TimeoutError:
+        print(f"screen: {time_limit_error(args.time_limit)}", file=sys.stderr)
+        return 1
     finally:
         bar.close()
     for kind, count in tally.invalid.items():
@@ -206,8 +223,11 @@ def _run_dask(args, ruleset, sources: list[str], now: datetime | None, flagged: 
 
     address = args.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
     workers = args.workers or os.cpu_count() or 1
-    # memory:// files live in this process: its workers must be threads here to see them.
-    in_process = not address and any(s.startswith("memory://") for s in sources)
+    # One worker runs as a thread of this process, as the pool's single worker does: a process of
+    # its own would add its start-up, a nanny and TCP to the scheduler, 10-30% more CPU for no
+    # parallelism (docs/performance.md). memory:// files live in this process: its workers must
+    # be threads here to see them.
+    in_process = not address and (workers == 1 or any(s.startswith("memory://") for s in sources))
     try:  # before starting a cluster: a wrong path should not cost its start-up
         urls = [input_urls(source) for source in sources]
     except (ScreenError, OSError) as exc:

@@ -13,6 +13,14 @@ from datetime import date, datetime
 ENGINE_TYPES = frozenset({"Patient", "Observation", "Condition"})
 
 
+class ScreenError(Exception):
+    """Something that stops the whole run: no input, an unreachable scheduler, the time limit."""
+
+
+def time_limit_error(time_limit: float) -> ScreenError:
+    return ScreenError(f"the run took longer than the time limit ({time_limit:g} s)")
+
+
 @dataclass
 class Tally:
     """What a batch of patients gave; partial tallies from workers are merged."""

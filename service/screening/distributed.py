@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
-from .core import ENGINE_TYPES, Tally, screen_case
+from .core import ENGINE_TYPES, ScreenError, Tally, screen_case, time_limit_error
 from .ndjson import ReadReport, read_lines
 
 # Bytes of NDJSON per input partition. Parsing a block and cutting it into shards costs several
@@ -39,10 +39,6 @@ COLUMNS = ("patient", "how", "line", "order")
 # alone would allow a worker past the 1 GB target; a few blocks' worth keeps the shuffle streaming.
 P2P_COMM_BUFFER = "32MiB"
 P2P_STORAGE_BUFFER = "32MiB"
-
-
-class ScreenError(Exception):
-    """Something that stops the whole run: no input, an unreachable scheduler, the time limit."""
 
 
 @dataclass
@@ -182,9 +178,9 @@ def screen_export(client, source: str | list[str], ruleset, now: datetime | None
             if bar is not None:
                 bar.update(1)
             if deadline is not None and time.monotonic() > deadline:
-                raise ScreenError(f"the run took longer than the time limit ({time_limit:g} s)")
+                raise time_limit_error(time_limit)
     except TimeoutError:
-        raise ScreenError(f"the run took longer than the time limit ({time_limit:g} s)") from None
+        raise time_limit_error(time_limit) from None
     finally:
         left = list(pending.futures)
         if left:
@@ -219,8 +215,9 @@ def peak_worker_memory(client) -> dict[str, float]:
 def connect(address: str | None, workers: int, in_process: bool = False, timeout: float = 30.0, memory_limit: str = "1GiB"):
     """A Client: to `address` when given, else to a LocalCluster of `workers` single-threaded processes on loopback.
 
-    `in_process` runs the LocalCluster's workers as threads of this process (needed for
-    `memory://` input, whose files exist only in this process). `memory_limit` is per worker:
+    `in_process` runs the LocalCluster's workers as threads of this process: for `memory://`
+    input, whose files exist only in this process, and for a single worker, which gains nothing
+    from a process of its own. `memory_limit` is per worker (for a thread worker, this process's):
     past 60% of it a worker spills held results to disk. The P2P shuffle keeps its shards on
     disk itself, outside that budget, and its buffers are sized here so that a worker stays well
     under it. A worker is never paused or killed for memory: a slow run beats a stuck or lost one.
@@ -258,6 +255,8 @@ def connect(address: str | None, workers: int, in_process: bool = False, timeout
         "distributed.admin.system-monitor.interval": "2s",
         "distributed.deploy.cluster-repr-interval": "5s",
     }
+    if not in_process:  # Ctrl-C is for `screen` alone, which cancels the run and closes the cluster
+        settings["distributed.worker.preload"] = ["service.screening.worker_setup"]
     with dask.config.set(settings):  # worker processes get this configuration from their nanny
         cluster = LocalCluster(
             # The scheduler always serves HTTP (health, metrics); a free loopback port, never a fixed one.

@@ -6,11 +6,13 @@ by one machine's memory; `service.screening.distributed` is the way past that.
 from __future__ import annotations
 
 import math
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from datetime import datetime
-from multiprocessing import get_context
+from multiprocessing import active_children, get_context
 
 from .core import Tally, screen_cases
+from .interrupt import ctrl_c_held
 
 MAX_CHUNK = 250  # patients sent to a worker at a time
 
@@ -27,8 +29,12 @@ def _screen_chunk(cases: list, now: datetime | None, fallback: datetime) -> Tall
     return screen_cases(_worker_ruleset, cases, now, fallback)
 
 
-def screen_in_pool(ruleset, cases: list, now: datetime | None, fallback: datetime, workers: int, bar) -> tuple[Tally, int]:
-    """Screen `cases` on `workers` processes; returns the merged tally and the workers used."""
+def screen_in_pool(ruleset, cases: list, now: datetime | None, fallback: datetime, workers: int, bar,
+                   deadline: float | None = None) -> tuple[Tally, int]:
+    """Screen `cases` on `workers` processes; returns the merged tally and the workers used.
+
+    Past `deadline` (`time.monotonic()`) it raises TimeoutError; chunks not yet started are cancelled.
+    """
     chunk = max(1, min(MAX_CHUNK, math.ceil(len(cases) / (workers * 4))))
     chunks = [cases[i : i + chunk] for i in range(0, len(cases), chunk)]
     workers = min(workers, len(chunks)) or 1
@@ -37,11 +43,23 @@ def screen_in_pool(ruleset, cases: list, now: datetime | None, fallback: datetim
         for part in chunks:
             tally.merge(screen_cases(ruleset, part, now, fallback))
             bar.update(len(part))
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError
         return tally, 1
     # spawn: a clean interpreter per worker, safe whatever threads this process runs.
+    others = set(active_children())
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(ruleset,)) as pool:
-        futures = {pool.submit(_screen_chunk, part, now, fallback): len(part) for part in chunks}
-        for future in as_completed(futures):
-            tally.merge(future.result())
-            bar.update(futures[future])
+        try:
+            with ctrl_c_held():  # the workers start at the first submit, all of them
+                futures = {pool.submit(_screen_chunk, part, now, fallback): len(part) for part in chunks}
+            for future in as_completed(futures, timeout=None if deadline is None else max(0.0, deadline - time.monotonic())):
+                tally.merge(future.result())
+                bar.update(futures[future])
+        except BaseException:
+            # Past the deadline, or Ctrl-C: stop now. Left alone, the executor would finish the
+            # chunks its workers hold before this process could exit (tens of seconds).
+            pool.shutdown(wait=False, cancel_futures=True)
+            for worker in set(active_children()) - others:
+                worker.terminate()
+            raise
     return tally, workers

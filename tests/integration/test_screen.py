@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -210,7 +211,10 @@ def test_a_result_holding_a_number_out_of_range_is_reported_invalid_by_both_engi
         assert main([str(export.folder), "--out", str(out), "--engine", engine, "--workers", "1", "--now", NOW, "--no-progress",
                      "--summary", str(summary)]) == 0, engine
         assert flagged_in(out) == export.flagged, engine
-        assert json.loads(summary.read_text())["resources"]["skipped_by_type"] == {"invalid Observation": 1}, engine
+        loaded = json.loads(summary.read_text())
+        assert loaded["resources"]["skipped_by_type"] == {"invalid Observation": 1}, engine
+        # One worker runs in the screen process, as the pool's one worker does.
+        assert loaded["engine"] == {"processes": "processes", "dask": "dask LocalCluster (threads)"}[engine]
     capsys.readouterr()
 
 
@@ -309,3 +313,77 @@ def test_an_unreachable_scheduler_exits_2_within_the_connect_timeout(tmp_path, c
     assert main([str(export.folder), "--out", str(tmp_path / "f.csv"), "--scheduler", address, "--connect-timeout", "2"]) == 2
     assert time.monotonic() - started < 15
     assert f"cannot reach the Dask scheduler at {address}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("engine", ["processes", "dask"])
+def test_a_run_past_its_time_limit_exits_1_and_leaves_the_previous_output_as_it_was(tmp_path, capsys, engine):
+    export = write_bulk_export(tmp_path / "export", 300, seed=8)
+    out = tmp_path / "flagged.csv"
+    out.write_text("patient,rules\nfrom-an-earlier-run,calciphylaxis-risk\n")
+    argv = [str(export.folder), "--out", str(out), "--engine", engine, "--workers", "1", "--now", NOW, "--no-progress"]
+    assert main([*argv, "--time-limit", "0.001"]) == 1
+    assert "screen: the run took longer than the time limit (0.001 s)" in capsys.readouterr().err
+    assert out.read_text() == "patient,rules\nfrom-an-earlier-run,calciphylaxis-risk\n"
+    assert main([*argv, "--time-limit", "300"]) == 0  # a limit the run keeps to changes nothing
+    assert flagged_in(out) == export.flagged
+
+
+def running(engine: str, pid: int, scratch: Path) -> bool:
+    """Whether a `screen` run is under way: Dask's P2P shuffle has begun, or the pool's workers are up."""
+    if engine == "dask":
+        return any("shuffle" in path.name for path in scratch.rglob("*"))
+    import psutil
+
+    workers = [c for c in psutil.Process(pid).children() if "spawn_main" in " ".join(c.cmdline()) and "resource_tracker" not in " ".join(c.cmdline())]
+    return len(workers) >= 2
+
+
+@pytest.mark.parametrize("engine, workers, patients", [("dask", "1", 4000), ("dask", "2", 4000), ("processes", "2", 8000)])
+def test_ctrl_c_stops_a_run_with_exit_130_one_line_and_no_output_file(tmp_path, engine, workers, patients):
+    export = write_bulk_export(tmp_path / "export", patients, seed=8)
+    out, scratch = tmp_path / "flagged.csv", tmp_path / "tmp"
+    scratch.mkdir()
+    # As from a terminal: SIGINT goes to the whole process group, workers included, and is a
+    # KeyboardInterrupt in `screen` even if this process ignores it.
+    entry = "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); from service.cli import screen_main; sys.exit(screen_main())"
+    process = subprocess.Popen(
+        [sys.executable, "-c", entry, str(export.folder), "--out", str(out), "--engine", engine, "--workers", workers, "--now", NOW,
+         "--no-progress", "--blocksize", "65536"],
+        cwd=PROJECT_ROOT, env={**os.environ, "TMPDIR": str(scratch)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while not running(engine, process.pid, scratch):
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the run did not start"
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGINT)
+        interrupted = time.monotonic()
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 130, stderr
+    assert time.monotonic() - interrupted < 20  # the run stops; it does not finish its work first
+    assert stderr.rstrip().endswith(f"screen: interrupted; nothing written to {out}")
+    # Neither `screen` nor a worker raised KeyboardInterrupt. (A Dask worker process busy when the
+    # cluster closes may still log Dask's own "failed to communicate with scheduler" lines.)
+    assert "KeyboardInterrupt" not in stderr and "service/" not in stderr and "screened" not in stdout
+    assert not out.exists()
+
+
+def test_a_temporary_folder_that_cannot_take_the_flagged_rows_exits_1_naming_it(tmp_path, capsys, monkeypatch):
+    from service.screening.output import FlaggedRows
+
+    export = write_bulk_export(tmp_path / "export", 200, seed=8)
+    full = tmp_path / "full-disk"
+    full.write_text("")  # a file where the temporary folder should be: every write in it fails
+    monkeypatch.setattr("service.screening.command.FlaggedRows", lambda: FlaggedRows(spill_rows=5))
+    monkeypatch.setattr("tempfile.mkdtemp", lambda prefix="": str(full))
+    out = tmp_path / "flagged.csv"
+    assert main([str(export.folder), "--out", str(out), "--engine", "processes", "--workers", "1", "--now", NOW, "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"screen: cannot keep flagged rows in the temporary folder {full}" in err and f"nothing written to {out}" in err
+    assert not out.exists()
