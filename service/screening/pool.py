@@ -33,7 +33,8 @@ def screen_in_pool(ruleset, cases: list, now: datetime | None, fallback: datetim
                    deadline: float | None = None) -> tuple[Tally, int]:
     """Screen `cases` on `workers` processes; returns the merged tally and the workers used.
 
-    Past `deadline` (`time.monotonic()`) it raises TimeoutError; chunks not yet started are cancelled.
+    Past `deadline` (`time.monotonic()`) it raises TimeoutError. Then, or on Ctrl-C, chunks not yet
+    started are cancelled and the workers stopped, not waited for.
     """
     chunk = max(1, min(MAX_CHUNK, math.ceil(len(cases) / (workers * 4))))
     chunks = [cases[i : i + chunk] for i in range(0, len(cases), chunk)]
