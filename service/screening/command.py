@@ -243,8 +243,10 @@ def _run_dask(args, ruleset, sources: list[str], now: datetime | None, flagged: 
         from .ndjson import ReadReport
 
         tally, report, peaks, partitions = Tally(), ReadReport(), {}, 0
+        deadline = time.monotonic() + args.time_limit if args.time_limit else None  # one limit for all the sources
         for source in urls:
-            result = screen_export(client, source, ruleset, now, bar, args.time_limit, args.blocksize or DEFAULT_BLOCKSIZE, flagged)
+            result = screen_export(client, source, ruleset, now, bar, args.time_limit, args.blocksize or DEFAULT_BLOCKSIZE, flagged,
+                                   deadline)
             tally.merge(result.tally)
             report.merge(result.report)
             partitions += result.partitions

@@ -17,8 +17,8 @@ class ScreenError(Exception):
     """Something that stops the whole run: no input, an unreachable scheduler, the time limit."""
 
 
-def time_limit_error(time_limit: float) -> ScreenError:
-    return ScreenError(f"the run took longer than the time limit ({time_limit:g} s)")
+def time_limit_error(time_limit: float | None) -> ScreenError:
+    return ScreenError("the run took longer than the time limit" + (f" ({time_limit:g} s)" if time_limit else ""))
 
 
 @dataclass

@@ -145,11 +145,13 @@ def build(source: str | list[str], rules, now: datetime | None, fallback: dateti
 
 
 def screen_export(client, source: str | list[str], ruleset, now: datetime | None, bar=None, time_limit: float | None = None,
-                  blocksize: int = DEFAULT_BLOCKSIZE, rows=None) -> DaskResult:
+                  blocksize: int = DEFAULT_BLOCKSIZE, rows=None, deadline: float | None = None) -> DaskResult:
     """Run the screening graph on `client`'s cluster over `source` (see `input_urls`); `bar` advances per partition.
 
     `rows` (a `FlaggedRows`) takes each partition's flagged rows as it finishes, so this process
-    does not hold them all; without it they are in the result's tally.
+    does not hold them all; without it they are in the result's tally. The run stops with
+    ScreenError at `deadline` (`time.monotonic()`, shared by a run over several sources), else
+    `time_limit` seconds from now.
     """
     from distributed import as_completed
 
@@ -164,10 +166,11 @@ def screen_export(client, source: str | list[str], ruleset, now: datetime | None
     results: list = [None] * len(futures)
     if bar is not None:
         bar.reset(total=len(futures))
-    deadline = time.monotonic() + time_limit if time_limit else None
+    if deadline is None and time_limit:
+        deadline = time.monotonic() + time_limit
     # as_completed holds each future only until it yields it with its result: the client takes
     # every result as soon as it is ready, so flagged rows do not pile up in worker memory.
-    pending = as_completed(futures, timeout=time_limit, with_results=True)
+    pending = as_completed(futures, timeout=None if deadline is None else max(0.001, deadline - time.monotonic()), with_results=True)
     del futures
     try:
         for future, result in pending:

@@ -328,6 +328,23 @@ def test_a_run_past_its_time_limit_exits_1_and_leaves_the_previous_output_as_it_
     assert flagged_in(out) == export.flagged
 
 
+def test_the_time_limit_is_one_for_the_whole_run_not_one_per_source(tmp_path, capsys, monkeypatch):
+    from service.screening import distributed
+
+    first, second = write_bulk_export(tmp_path / "a", 20, seed=1), write_bulk_export(tmp_path / "b", 20, seed=2)
+    real = distributed.screen_export
+
+    def slow(*args, **kwargs):  # each source starts 1.5 s late: alone within 2.5 s, together not
+        time.sleep(1.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(distributed, "screen_export", slow)
+    argv = [str(first.folder), str(second.folder), "--out", str(tmp_path / "f.csv"), "--workers", "1", "--now", NOW, "--no-progress"]
+    assert main([*argv, "--time-limit", "2.5"]) == 1
+    assert "the run took longer than the time limit (2.5 s)" in capsys.readouterr().err
+    assert not (tmp_path / "f.csv").exists()
+
+
 def running(engine: str, pid: int, scratch: Path) -> bool:
     """Whether a `screen` run is under way: Dask's P2P shuffle has begun, or the pool's workers are up."""
     if engine == "dask":
