@@ -9,7 +9,7 @@ import math
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from datetime import datetime
-from multiprocessing import active_children, get_context
+from multiprocessing import get_context
 
 from .core import Tally, screen_cases
 from .interrupt import ctrl_c_held
@@ -17,15 +17,18 @@ from .interrupt import ctrl_c_held
 MAX_CHUNK = 250  # patients sent to a worker at a time
 
 _worker_ruleset = None
+_worker_stop = None
 
 
-def _init_worker(ruleset) -> None:
-    """Each worker receives the checked rule set once, pickled, and keeps it."""
-    global _worker_ruleset
-    _worker_ruleset = ruleset
+def _init_worker(ruleset, stop) -> None:
+    """Each worker receives the checked rule set once, pickled, and keeps it, and the run's stop event."""
+    global _worker_ruleset, _worker_stop
+    _worker_ruleset, _worker_stop = ruleset, stop
 
 
 def _screen_chunk(cases: list, now: datetime | None, fallback: datetime) -> Tally:
+    if _worker_stop.is_set():  # the run was stopped: a chunk already queued is dropped, not screened
+        return Tally()
     return screen_cases(_worker_ruleset, cases, now, fallback)
 
 
@@ -34,7 +37,7 @@ def screen_in_pool(ruleset, cases: list, now: datetime | None, fallback: datetim
     """Screen `cases` on `workers` processes; returns the merged tally and the workers used.
 
     Past `deadline` (`time.monotonic()`) it raises TimeoutError. Then, or on Ctrl-C, chunks not yet
-    started are cancelled and the workers stopped, not waited for.
+    started are cancelled or dropped, not screened.
     """
     chunk = max(1, min(MAX_CHUNK, math.ceil(len(cases) / (workers * 4))))
     chunks = [cases[i : i + chunk] for i in range(0, len(cases), chunk)]
@@ -48,8 +51,9 @@ def screen_in_pool(ruleset, cases: list, now: datetime | None, fallback: datetim
                 raise TimeoutError
         return tally, 1
     # spawn: a clean interpreter per worker, safe whatever threads this process runs.
-    others = set(active_children())
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(ruleset,)) as pool:
+    context = get_context("spawn")
+    stop = context.Event()
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(ruleset, stop)) as pool:
         try:
             with ctrl_c_held():  # the workers start at the first submit, all of them
                 futures = {pool.submit(_screen_chunk, part, now, fallback): len(part) for part in chunks}
@@ -57,10 +61,12 @@ def screen_in_pool(ruleset, cases: list, now: datetime | None, fallback: datetim
                 tally.merge(future.result())
                 bar.update(futures[future])
         except BaseException:
-            # Past the deadline, or Ctrl-C: stop now. Left alone, the executor would finish the
-            # chunks its workers hold before this process could exit (tens of seconds).
-            pool.shutdown(wait=False, cancel_futures=True)
-            for worker in set(active_children()) - others:
-                worker.terminate()
+            # Past the deadline, or Ctrl-C: stop now. Chunks not yet queued are cancelled; those a
+            # worker already holds come back empty, so the executor is done within one chunk, and
+            # waiting for it lets a worker still starting finish its start-up cleanly. (Terminating
+            # the workers instead can cut the executor's queue off mid-write, and it then prints an
+            # OSError traceback of its own.)
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
             raise
     return tally, workers
